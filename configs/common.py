@@ -1,0 +1,51 @@
+"""Defaults shared by every experiment config: train loop, optimizer, mesh and sharding rules."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = ""
+    c.seed = 0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 256          # global, across all processes and devices
+    c.train.microbatches = 1          # gradient accumulation: batch_size / microbatches per pass
+    c.train.compute_dtype = "float32"  # params stay float32; "bfloat16" on accelerators
+    c.train.grad_clip_norm = 1.0      # 0 disables clipping
+    c.train.log_every = 50
+    c.train.eval_every = 0            # 0: evaluate only at the end
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 3
+    c.train.async_checkpoints = True
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 100
+    c.optimizer.schedule = "cosine"   # cosine | linear | constant (after linear warmup)
+    c.optimizer.end_lr_ratio = 0.0
+    c.optimizer.weight_decay = 0.05
+    c.optimizer.no_decay = "pos|logit_scale|embedding"  # regex over param paths; ndim<2 never decays
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                  # -1: all remaining devices
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    # Logical axis name -> mesh axes ("a,b"; "" replicates). Parameters and activations use the same rules.
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = ml_collections.ConfigDict({
+        "batch": "data,fsdp", "embed": "fsdp", "mlp": "tensor", "heads": "tensor", "kv": "",
+        "vocab": "tensor", "seq": "", "patch": "", "channels": "", "classes": "",
+    })
+
+    c.data = ml_collections.ConfigDict()
+    c.data.read_threads = 4
+    c.data.prefetch = 16
+    c.data.worker_count = 0           # >0: decode in that many prefetch processes
+    return c

@@ -1,0 +1,19 @@
+"""Test setup: 8 fake CPU devices, set before JAX initialises its backend."""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+KUAISEARCH_DEMO = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "kuaisearch_demo"
+
+
+@pytest.fixture
+def kuaisearch_demo_dir() -> pathlib.Path:
+    """The real 200-row KuaiSearch samples, read in place; tests skip when the folder is absent."""
+    if not KUAISEARCH_DEMO.is_dir():
+        pytest.skip(f"KuaiSearch demo files not found at {KUAISEARCH_DEMO}")
+    return KUAISEARCH_DEMO

@@ -1,0 +1,26 @@
+"""Contrastive losses shared by the retrieval tasks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def info_nce(queries: jax.Array, keys: jax.Array, scale: jax.Array | float) -> jax.Array:
+    """One-directional InfoNCE with in-batch negatives (van den Oord et al. 2018, Eq. 4).
+
+    ``queries [b, d], keys [b, d]`` (row i of each is a positive pair; every other key in the batch is a
+    negative), ``scale`` the inverse temperature -> scalar mean of ``-log softmax(scale * q k^T)_ii``.
+    """
+    logits = scale * jnp.einsum("qd,kd->qk", queries, keys, preferred_element_type=jnp.float32)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - jnp.diagonal(logits))
+
+
+def symmetric_info_nce(a: jax.Array, b: jax.Array, logit_scale: jax.Array, max_scale: float = 100.0) -> jax.Array:
+    """CLIP's symmetric contrastive loss (Radford et al. 2021, Fig. 3): the mean of a->b and b->a InfoNCE.
+
+    ``a [b, d], b [b, d]`` L2-normalised embeddings, ``logit_scale`` a scalar log inverse temperature
+    (clipped at ``log(max_scale)`` as in CLIP) -> scalar.
+    """
+    scale = jnp.exp(jnp.minimum(logit_scale.astype(jnp.float32), jnp.log(max_scale)))
+    return 0.5 * (info_nce(a, b, scale) + info_nce(b, a, scale))

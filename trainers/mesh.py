@@ -1,0 +1,62 @@
+"""The device mesh (``data`` x ``fsdp`` x ``tensor``, Auto axes) and the config's sharding rules."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from models.partitioning import Rules
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# The batch dimension of every input is split over the data-parallel axes.
+BATCH_AXES = ("data", "fsdp")
+
+DEFAULT_RULES = {
+    "batch": "data,fsdp",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "vocab": "tensor",
+}
+
+
+def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
+    """Fill a -1 axis with the remaining devices; check the product equals ``num_devices``."""
+    shape = [int(sizes[a]) for a in MESH_AXES]
+    if shape.count(-1) == 1:
+        known = int(np.prod([s for s in shape if s != -1]))
+        if num_devices % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: {num_devices} devices are not divisible by {known}")
+        shape[shape.index(-1)] = num_devices // known
+    if int(np.prod(shape)) != num_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, "
+                         f"{num_devices} are available")
+    return tuple(shape)
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with Auto axis types (jax 0.10 defaults ``make_mesh`` to Explicit)."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = resolve_mesh_shape(sizes, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def parse_rules(rules: Mapping[str, str]) -> Rules:
+    """Config rules ``{"embed": "fsdp", "batch": "data,fsdp", "seq": ""}`` -> ``{name: (axes...)}``."""
+    return {name: tuple(a.strip() for a in axes.split(",") if a.strip()) for name, axes in rules.items()}
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading (batch) dimension split over the data-parallel axes, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
