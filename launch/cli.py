@@ -1,4 +1,12 @@
-"""The ``ecomax`` command line: train, data, demo, bench, export, launch."""
+"""The ``ecomax`` command line: train, data, demo, bench, export, launch.
+
+    ecomax train --config configs/two_tower.py:tiny --workdir runs/tt [--set train.steps=100 ...]
+    ecomax data synth {ecom_rf_immr,kuaisearch} --out DIR ...
+    ecomax data build ecom_rf_immr --manifest M --out DIR
+    ecomax data prepare kuaisearch --src DIR --out DIR
+    ecomax data tokenizer --corpus FILE... --out spm.model
+    ecomax launch {local,slurm,gke,tpu-vm} ... -- train ...
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,13 @@ import argparse
 import logging
 import os
 import sys
+
+from launch.launchers import add_launch_parser
+
+# Exit codes of `ecomax train`.
+EXIT_CONFIG_ERROR = 2
+EXIT_NON_FINITE = 3
+EXIT_INTERRUPTED = 130
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -15,21 +30,110 @@ def _train(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.set)
     except ConfigError as e:
         print(f"ecomax train: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
+    from launch.distributed import initialize_distributed
+
+    initialize_distributed()
     from trainers.loop import NonFiniteLossError, train
 
     try:
         result = train(config, args.workdir)
     except NonFiniteLossError as e:
         print(f"ecomax train: {e}", file=sys.stderr)
-        return 3
-    if result.status == "interrupted":
-        return 130
+        return EXIT_NON_FINITE
+    return EXIT_INTERRUPTED if result.status == "interrupted" else 0
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+def _synth(args: argparse.Namespace) -> int:
+    if args.dataset == "ecom_rf_immr":
+        from data_pipelines.ecom_rf_immr import synthesize
+
+        path = synthesize(args.out, items=args.items, queries_per_item=args.queries_per_item, seed=args.seed,
+                          image_size=args.image_size)
+    else:
+        from data_pipelines.kuaisearch.synthetic import synthesize
+
+        paths = synthesize(args.out, num_users=args.users, num_items=args.items, num_sessions=args.sessions,
+                           seed=args.seed)
+        path = os.path.dirname(str(next(iter(paths.values()))))
+    print(f"ecomax data synth {args.dataset}: wrote {path}")
     return 0
 
 
+def _build(args: argparse.Namespace) -> int:
+    from data_pipelines.ecom_rf_immr import build
+
+    summary = build(args.manifest, args.out, workers=args.workers, max_bad_fraction=args.max_bad_fraction)
+    print(summary)
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from data_pipelines.kuaisearch.prepare import prepare
+
+    prepare(args.src, args.out, workers=args.workers, max_bad_fraction=args.max_bad_fraction)
+    return 0
+
+
+def _tokenizer(args: argparse.Namespace) -> int:
+    from data_pipelines.tokenizer import tokenizer_main
+
+    fields = args.fields.split(",") if args.fields else None
+    tokenizer_main(args.corpus, args.out, vocab_size=args.vocab_size, fields=fields)
+    return 0
+
+
+def _add_data_parser(sub) -> None:
+    data = sub.add_parser("data", help="make, convert and tokenise datasets").add_subparsers(dest="data_cmd",
+                                                                                           required=True)
+    p = data.add_parser("synth", help="write a synthetic dataset in the real schema")
+    p.add_argument("dataset", choices=("ecom_rf_immr", "kuaisearch"))
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--items", type=int, default=None, help="number of items (default: per dataset)")
+    p.add_argument("--queries-per-item", type=int, default=2, help="ecom_rf_immr: query crops per item")
+    p.add_argument("--image-size", type=int, default=96, help="ecom_rf_immr: image side in pixels")
+    p.add_argument("--users", type=int, default=1000, help="kuaisearch: number of users")
+    p.add_argument("--sessions", type=int, default=10_000, help="kuaisearch: number of search sessions")
+    p.set_defaults(func=_synth_with_defaults)
+
+    p = data.add_parser("build", help="ECom-RF-IMMR: JSONL manifest + images -> ArrayRecord shards")
+    p.add_argument("dataset", choices=("ecom_rf_immr",))
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--max-bad-fraction", type=float, default=0.0)
+    p.set_defaults(func=_build)
+
+    p = data.add_parser("prepare", help="KuaiSearch: validate and convert the JSONL files to ArrayRecord")
+    p.add_argument("dataset", choices=("kuaisearch",))
+    p.add_argument("--src", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--max-bad-fraction", type=float, default=0.0)
+    p.set_defaults(func=_prepare)
+
+    p = data.add_parser("tokenizer", help="train a sentencepiece model on text fields of JSONL files")
+    p.add_argument("--corpus", nargs="+", required=True, help="JSONL files or KuaiSearch folders")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, default=32_000)
+    p.add_argument("--fields", default="", help="comma-separated kind.field names (default: all text fields)")
+    p.set_defaults(func=_tokenizer)
+
+
+def _synth_with_defaults(args: argparse.Namespace) -> int:
+    if args.items is None:
+        args.items = 200 if args.dataset == "ecom_rf_immr" else 5000
+    return _synth(args)
+
+
+# --- the parser ---------------------------------------------------------------------------------------
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ecomax", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ecomax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -39,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable), typed by the current value")
     p.set_defaults(func=_train)
+
+    _add_data_parser(sub)
+    add_launch_parser(sub)
     return parser
 
 
@@ -50,5 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+def entry_point() -> None:
+    """The console script: exits without waiting in JAX's shutdown barrier after a failure."""
+    from launch.distributed import finish_distributed
+
+    sys.exit(finish_distributed(main()))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

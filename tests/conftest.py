@@ -17,3 +17,14 @@ def kuaisearch_demo_dir() -> pathlib.Path:
     if not KUAISEARCH_DEMO.is_dir():
         pytest.skip(f"KuaiSearch demo files not found at {KUAISEARCH_DEMO}")
     return KUAISEARCH_DEMO
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_test_config(spec: str = "configs/two_tower.py:tiny", *overrides: str):
+    """A config from the repository's configs folder, with ``--set``-style overrides."""
+    from launch.config import load_config
+
+    path, _, arg = spec.partition(":")
+    return load_config(f"{REPO / path}:{arg}", overrides)

@@ -83,10 +83,12 @@ class Trainer:
     mesh: jax.sharding.Mesh
 
     @classmethod
-    def create(cls, config: ml_collections.ConfigDict, workdir: pathlib.Path | str) -> Trainer:
+    def create(cls, config: ml_collections.ConfigDict, workdir: pathlib.Path | str,
+               devices: list[jax.Device] | None = None) -> Trainer:
+        """``devices`` (default: all) are laid out as the config's mesh."""
         workdir = pathlib.Path(workdir)
         task = get_task(config)
-        mesh = make_mesh(config.mesh)
+        mesh = make_mesh(config.mesh, devices)
         return cls(config, workdir, task, model_spec(task.build_model), mesh)
 
     # --- pieces (also used by bench, export and tests) --------------------------------------------------

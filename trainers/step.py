@@ -75,7 +75,7 @@ def make_train_step(loss_fn: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientT
         with activation_rules(mesh, rules):
             rng = jax.random.fold_in(jax.random.key(seed), state.step)
             (loss, metrics), grads = gradients(state.params, batch, rng)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -1,0 +1,5 @@
+import sys
+
+from launch.launchers import main
+
+sys.exit(main())

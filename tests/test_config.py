@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from conftest import REPO, load_test_config
+from launch.config import ConfigError, load_config
+
+
+def test_tiny_config_loads_and_overrides_are_typed():
+    config = load_test_config("configs/two_tower.py:tiny", "train.steps=7", "optimizer.learning_rate=1",
+                              "train.compute_dtype=bfloat16", "sharding.rules.embed=")
+    assert config.train.steps == 7
+    assert isinstance(config.optimizer.learning_rate, float) and config.optimizer.learning_rate == 1.0
+    assert config.train.compute_dtype == "bfloat16"
+    assert config.sharding.rules.embed == ""
+
+
+def test_unknown_key_names_the_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.stpes'.*'train\.steps'"):
+        load_test_config("configs/two_tower.py:tiny", "train.stpes=3")
+
+
+def test_wrong_type_is_rejected_naming_the_key():
+    with pytest.raises(ConfigError, match=r"train\.steps=three.*int"):
+        load_test_config("configs/two_tower.py:tiny", "train.steps=three")
+    with pytest.raises(ConfigError, match=r"train\.batch_size=2\.5.*int"):
+        load_test_config("configs/two_tower.py:tiny", "train.batch_size=2.5")
+
+
+def test_invalid_values_are_rejected_before_compiling():
+    with pytest.raises(ConfigError, match="divisible"):
+        load_test_config("configs/two_tower.py:tiny", "train.microbatches=5")
+    with pytest.raises(ConfigError, match="unknown mesh axis 'model'"):
+        load_test_config("configs/two_tower.py:tiny", "sharding.rules.mlp=model")
+    with pytest.raises(ConfigError, match="at most one may be -1"):
+        load_test_config("configs/two_tower.py:tiny", "mesh.fsdp=-1")
+
+
+def test_unknown_argument_and_missing_file():
+    with pytest.raises(ConfigError, match="unknown config argument 'huge'"):
+        load_config(f"{REPO}/configs/two_tower.py:huge")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("configs/nope.py:tiny")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs").glob("*.py")
+                                        if p.stem not in ("__init__", "common")))
+def test_every_config_accepts_tiny(name):
+    config = load_test_config(f"configs/{name}.py:tiny")
+    assert config.train.steps > 0
+    json.dumps(config.to_dict())  # the resolved config is JSON-serialisable (written to config.json)
+
+
+def test_cli_rejects_typo_before_compiling(tmp_path, capsys):
+    from launch.cli import main
+
+    code = main(["train", "--config", f"{REPO}/configs/two_tower.py:tiny", "--workdir", str(tmp_path),
+                 "--set", "optimizer.learnig_rate=0.1"])
+    assert code == 2
+    assert "did you mean 'optimizer.learning_rate'" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints").exists()

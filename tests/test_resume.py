@@ -1,0 +1,71 @@
+"""Kill -9 mid-run and rerun: the resumed run's per-step losses equal an uninterrupted run's, bit for bit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO
+
+ARGS = ["--config", f"{REPO}/configs/two_tower.py:tiny", "--set", "train.steps=30", "--set", "train.log_every=1",
+        "--set", "train.checkpoint_every=8", "--set", "train.batch_size=32", "--set", "mesh.data=2"]
+
+
+def _train(workdir, **popen):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", "--workdir", str(workdir), *ARGS],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _losses(workdir):
+    """step -> loss, the last record of each step winning (a resumed run rewrites the steps it redoes)."""
+    losses = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+def _wait_for_step(workdir, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        path = workdir / "metrics.jsonl"
+        if path.exists() and any(json.loads(l).get("step", 0) >= step for l in path.read_text().splitlines()):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def test_kill_9_and_rerun_gives_bitwise_equal_losses(tmp_path):
+    reference = _train(tmp_path / "reference")
+    assert reference.wait(timeout=300) == 0, reference.stdout.read()
+    expected = _losses(tmp_path / "reference")
+    assert sorted(expected) == list(range(1, 31))
+
+    workdir = tmp_path / "killed"
+    victim = _train(workdir)
+    _wait_for_step(workdir, 26, victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL
+
+    resumed = _train(workdir)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resuming at step 8" in out or "resuming at step 16" in out or "resuming at step 24" in out
+    assert _losses(workdir) == expected  # exact float equality, every step
+
+
+def test_sigterm_saves_and_exits(tmp_path):
+    proc = _train(tmp_path)
+    _wait_for_step(tmp_path, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "SIGTERM received: saved step" in out
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] >= 5
