@@ -116,6 +116,14 @@ class Trainer:
                                compute_dtype=self.config.train.compute_dtype)
         return jit_train_step(step, shardings, self.batch_shardings(), self.mesh), tx, shardings
 
+    def lower(self) -> jax.stages.Lowered:
+        """The train step lowered for abstract state and batch: compiles paper-scale configs without memory."""
+        step_fn, tx, shardings = self.compiled_step()
+        batch_sh = self.batch_shardings()
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k])
+                 for k, v in self.task.batch_spec(self.config.train.batch_size).items()}
+        return step_fn.lower(abstract_state(self.spec, tx, shardings), batch)
+
     def data(self):
         source, transform = self.task.train_source()
         d = self.config.data
