@@ -28,6 +28,18 @@ Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
+@dataclasses.dataclass(frozen=True)
+class Tower:
+    """A serving function of a trained model, for export and retrieval.
+
+    ``fn(model, *arrays) -> [batch, dim]`` embeddings; ``inputs`` names each array and gives its
+    per-example shape and dtype (no batch dimension), in the order ``fn`` takes them.
+    """
+
+    fn: Callable[..., jax.Array]
+    inputs: dict[str, jax.ShapeDtypeStruct]
+
+
 class Task(abc.ABC):
     """Base class of every task. Subclasses are registered with ``@register("name")``."""
 
@@ -54,6 +66,10 @@ class Task(abc.ABC):
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         """Evaluation metrics at ``ctx.step``; by default none."""
+        return {}
+
+    def towers(self) -> dict[str, Tower]:
+        """Named serving functions (e.g. ``query`` and ``item``) for export; by default none."""
         return {}
 
 

@@ -14,7 +14,7 @@ from data_pipelines import shapes
 from data_pipelines.loader import eval_batches
 from models.two_tower import TwoTower, TwoTowerConfig
 from trainers.losses import symmetric_info_nce
-from trainers.tasks import Batch, EvalContext, Metrics, Task, register
+from trainers.tasks import Batch, EvalContext, Metrics, Task, Tower, register
 
 
 def _to_example(record: dict, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
@@ -50,6 +50,12 @@ class TwoTowerTask(Task):
         d = self.config.data
         return (shapes.ShapesSource(d.num_train, d.image_size, d.max_words, seed=self.config.seed),
                 _to_example)
+
+    def towers(self) -> dict[str, Tower]:
+        d = self.config.data
+        return {"image": Tower(_embed_images, {"image": jax.ShapeDtypeStruct((d.image_size, d.image_size, 3),
+                                                                              np.float32)}),
+                "text": Tower(_embed_texts, {"tokens": jax.ShapeDtypeStruct((d.max_words,), np.int32)})}
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         from trainers.evaluators.retrieval import evaluate_retrieval
