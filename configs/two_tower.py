@@ -37,6 +37,7 @@ def get_config(arg: str = "tiny"):
     c.data.image_size = 32
     c.data.max_words = 8
     c.data.num_train = num_train
+    c.data.in_memory = arg == "tiny"  # render the tiny set once: its examples cost more than a step
     c.data.num_eval = 512 if arg == "tiny" else 2048
     c.data.eval_batch_size = 256
     return c

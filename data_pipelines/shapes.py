@@ -11,6 +11,7 @@ the same *class*: retrieval relevance is by class.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -32,9 +33,15 @@ def class_of(shape: int, colour: int, pattern: int, size: int) -> int:
     return ((shape * len(COLOURS) + colour) * len(PATTERNS) + pattern) * len(SIZES) + size
 
 
+@functools.lru_cache(maxsize=8)
+def _grid(h: int) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:h, 0:h]
+    return y, x
+
+
 def _shape_mask(kind: str, h: int, cy: float, cx: float, r: float) -> np.ndarray:
     """[h, h] bool mask of one shape of radius ``r`` centred at (cy, cx)."""
-    y, x = np.mgrid[0:h, 0:h].astype(np.float32)
+    y, x = _grid(h)
     dy, dx = y - cy, x - cx
     if kind == "circle":
         return dy**2 + dx**2 <= r**2
@@ -54,7 +61,7 @@ def _shape_mask(kind: str, h: int, cy: float, cx: float, r: float) -> np.ndarray
 
 
 def _pattern_mask(kind: str, h: int, phase: int) -> np.ndarray:
-    y, x = np.mgrid[0:h, 0:h]
+    y, x = _grid(h)
     period = max(4, h // 8)
     if kind == "solid":
         return np.ones((h, h), bool)
@@ -95,13 +102,14 @@ class ShapesSource:
         s = self.image_size
         radius = s * (0.22 if size == 0 else 0.36) * rng.uniform(0.9, 1.1)
         cy, cx = rng.uniform(radius, s - radius, size=2)
-        image = rng.integers(90, 160, size=(s, s, 3)).astype(np.float32)  # noisy grey background
+        image = rng.integers(90, 160, size=(s, s, 3), dtype=np.uint8)  # noisy grey background
         mask = _shape_mask(SHAPES[shape], s, cy, cx, radius)
         fill = _pattern_mask(PATTERNS[pattern], s, int(rng.integers(8)))
         rgb = np.asarray(list(COLOURS.values())[colour], np.float32)
-        image[mask & fill] = rgb
-        image[mask & ~fill] = 0.45 * rgb + 0.55 * 128.0
-        return np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
+        noise = rng.integers(-8, 9, size=(s, s, 3), dtype=np.int16)
+        image[mask & fill] = np.clip(rgb + noise[mask & fill], 0, 255)
+        image[mask & ~fill] = np.clip(0.45 * rgb + 0.55 * 128.0 + noise[mask & ~fill], 0, 255)
+        return image
 
     def _caption(self, rng: np.random.Generator, shape: int, colour: int, pattern: int, size: int) -> np.ndarray:
         words = [SIZES[size], list(COLOURS)[colour], PATTERNS[pattern], SHAPES[shape]]
@@ -113,6 +121,6 @@ class ShapesSource:
         return tokens
 
 
-def normalise_image(image: np.ndarray) -> np.ndarray:
-    """uint8 [..., h, w, 3] -> float32 in [-1, 1]."""
-    return image.astype(np.float32) / 127.5 - 1.0
+def normalise_image(image):
+    """uint8 ``[..., h, w, 3]`` -> float32 in [-1, 1] (numpy or jax arrays)."""
+    return image.astype("float32") / 127.5 - 1.0

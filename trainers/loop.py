@@ -194,7 +194,7 @@ class Trainer:
                 logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 self._check_finite(int(logged.pop("bad_step")), last_saved)
                 now = time.perf_counter()
-                seconds = max(now - t_last - pause, 1e-9)
+                seconds = max(now - t_last - pause, 1e-9)  # evaluation time is not training time
                 logged["examples_per_sec"] = (done - step_last) * cfg.batch_size / seconds
                 logged["step_time"] = seconds / (done - step_last)
                 writer.write(done, logged)
@@ -205,11 +205,9 @@ class Trainer:
                 writer.write(done, evaluated, prefix="eval/")
                 pause += time.perf_counter() - t0
             if done % cfg.checkpoint_every == 0 or final or stop.signum is not None:
-                t0 = time.perf_counter()
                 self._check_finite(int(jax.device_get(state.bad_step)), last_saved)
                 ckpt.save(done, state, data_iter, {"step": done, "config_hash": fingerprint})
                 last_saved = done
-                pause += time.perf_counter() - t0
             if stop.signum is not None:
                 writer.message(f"ecomax: {signal.Signals(stop.signum).name} received: saved step {done}, stopping")
                 return state, TrainResult("interrupted", done, logged, evaluated)

@@ -11,18 +11,15 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines import shapes
-from data_pipelines.loader import eval_batches
+from data_pipelines.loader import InMemorySource, eval_batches
 from models.two_tower import TwoTower, TwoTowerConfig
 from trainers.losses import symmetric_info_nce
 from trainers.tasks import Batch, EvalContext, Metrics, Task, Tower, register
 
 
-def _to_example(record: dict, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-    return {"image": shapes.normalise_image(record["image"]), "tokens": record["tokens"], "label": record["label"]}
-
-
 def _embed_images(model: TwoTower, images: jax.Array) -> jax.Array:
-    return model.image(images)
+    """``uint8 [b, h, w, 3] -> [b, d]``: images travel as bytes and are normalised on device."""
+    return model.image(shapes.normalise_image(images))
 
 
 def _embed_texts(model: TwoTower, tokens: jax.Array) -> jax.Array:
@@ -41,20 +38,20 @@ class TwoTowerTask(Task):
         return TwoTower(self.model_config(), rngs)
 
     def loss(self, model: TwoTower, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
-        image_emb = model.image(batch["image"])
+        image_emb = _embed_images(model, batch["image"])
         text_emb = model.text(batch["tokens"])
         loss = symmetric_info_nce(image_emb, text_emb, model.logit_scale[...])
         return loss, {"logit_scale": model.logit_scale[...]}
 
     def train_source(self):
         d = self.config.data
-        return (shapes.ShapesSource(d.num_train, d.image_size, d.max_words, seed=self.config.seed),
-                _to_example)
+        source = shapes.ShapesSource(d.num_train, d.image_size, d.max_words, seed=self.config.seed)
+        return (InMemorySource(source, "render shapes") if d.in_memory else source), None
 
     def towers(self) -> dict[str, Tower]:
         d = self.config.data
         return {"image": Tower(_embed_images, {"image": jax.ShapeDtypeStruct((d.image_size, d.image_size, 3),
-                                                                              np.float32)}),
+                                                                              np.uint8)}),
                 "text": Tower(_embed_texts, {"tokens": jax.ShapeDtypeStruct((d.max_words,), np.int32)})}
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
@@ -64,7 +61,7 @@ class TwoTowerTask(Task):
         # A held-out world: another seed than the training source.
         source = shapes.ShapesSource(d.num_eval, d.image_size, d.max_words, seed=self.config.seed + 10_007)
         image_emb, text_emb, labels = [], [], []
-        for batch in eval_batches(source, d.eval_batch_size, _to_example):
+        for batch in eval_batches(source, d.eval_batch_size):
             image_emb.append(ctx.apply(_embed_images, batch["image"]))
             text_emb.append(ctx.apply(_embed_texts, batch["tokens"]))
             labels.append(batch["label"])
