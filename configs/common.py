@@ -9,7 +9,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 1000
+    c.train.steps = 1000               # the schedule's length
+    c.train.stop_after = 0            # >0: save and stop at this step (the schedule still spans train.steps)
     c.train.batch_size = 256          # global, across all processes and devices
     c.train.microbatches = 1          # gradient accumulation: batch_size / microbatches per pass
     c.train.compute_dtype = "float32"  # params stay float32; "bfloat16" on accelerators

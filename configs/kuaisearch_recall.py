@@ -20,8 +20,9 @@ import ml_collections
 
 from configs.common import base_config
 
-SYNTHETIC = {"num_users": 200, "num_items": 800, "num_sessions": 3000, "num_relevance": 3000, "seed": 0,
-             "vocab_size": 2000}
+# Shared by both KuaiSearch tiny configs (one cached world). Character tokens, as bert-base-chinese.
+SYNTHETIC = {"num_users": 200, "num_items": 800, "num_sessions": 3000, "num_relevance": 12000, "seed": 0,
+             "vocab_size": 2000, "model_type": "char"}
 
 
 def get_config(arg: str = "tiny"):
@@ -47,8 +48,9 @@ def get_config(arg: str = "tiny"):
     c.data.synthetic = ml_collections.ConfigDict(SYNTHETIC)
     c.data.tokenizer = ""               # a sentencepiece .model; empty: root/spm.model or trained once
     c.data.tokenizer_vocab_size = 2000 if tiny else 21128
+    c.data.tokenizer_model_type = "char"   # when a tokenizer is trained here: char | unigram | bpe
     c.data.query_len = 16 if tiny else 64
-    c.data.item_len = 32 if tiny else 64
+    c.data.item_len = 48 if tiny else 64
 
     c.eval = ml_collections.ConfigDict()
     c.eval.split = "test"

@@ -1,7 +1,8 @@
 """Image–text two-tower contrastive model on procedural shapes (the first task, and the loop's test bed).
 
     ecomax train --config configs/two_tower.py:tiny --workdir runs/tt
-Arguments: ``tiny`` (CPU, well under a minute), ``small`` (CPU, a few minutes), ``base`` (accelerators).
+Arguments: ``tiny`` (CPU, well under a minute), ``demo`` (the ``make demo`` run), ``small`` (CPU, a few
+minutes), ``base`` (accelerators).
 """
 
 import ml_collections
@@ -11,6 +12,7 @@ from configs.common import base_config
 SIZES = {
     #        steps batch width depth embed num_train
     "tiny": (60, 64, 32, 1, 32, 4096),
+    "demo": (500, 128, 64, 2, 64, 16_384),
     "small": (600, 128, 96, 2, 64, 50_000),
     "base": (20_000, 4096, 512, 6, 256, 2_000_000),
 }
@@ -37,7 +39,7 @@ def get_config(arg: str = "tiny"):
     c.data.image_size = 32
     c.data.max_words = 8
     c.data.num_train = num_train
-    c.data.in_memory = arg == "tiny"  # render the tiny set once: its examples cost more than a step
+    c.data.in_memory = arg in ("tiny", "demo")  # render small sets once: an example costs more than a step
     c.data.num_eval = 512 if arg == "tiny" else 2048
     c.data.eval_batch_size = 256
     return c

@@ -180,15 +180,9 @@ def pipeline_throughput(trainer: Any, batches: int, warmup: int = 2) -> dict[str
     for _ in range(batches):
         next(it)
     seconds = time.perf_counter() - t0
-    per_process = trainer.config.train.batch_size // _process_count()
-    return {"examples_per_s": batches * per_process * _process_count() / max(seconds, 1e-9),
+    # Each process reads its own slice of every global batch; the job's rate is this process's times P.
+    return {"examples_per_s": batches * trainer.config.train.batch_size / max(seconds, 1e-9),
             "batches": batches, "seconds": seconds}
-
-
-def _process_count() -> int:
-    import jax
-
-    return jax.process_count()
 
 
 def peak_for(device: Any, num_devices: int) -> tuple[float | None, str]:

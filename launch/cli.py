@@ -5,6 +5,7 @@
     ecomax data build ecom_rf_immr --manifest M --out DIR
     ecomax data prepare kuaisearch --src DIR --out DIR
     ecomax data tokenizer --corpus FILE... --out spm.model
+    ecomax demo --out runs/demo
     ecomax launch {local,slurm,gke,tpu-vm} ... -- train ...
 """
 
@@ -15,6 +16,7 @@ import logging
 import os
 import sys
 
+from launch.demo import add_demo_parser
 from launch.launchers import add_launch_parser
 
 # Exit codes of `ecomax train`.
@@ -145,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     _add_data_parser(sub)
+    add_demo_parser(sub)
     add_launch_parser(sub)
     return parser
 

@@ -247,10 +247,14 @@ class LateFusion(_WithText):
         """-> {"item", "text", ["hard"]} [b, D] and "patches" [b, n, H]; "hard" = this image with the
         negative text ``neg_ids`` (an image–text-mismatch hard negative)."""
         cls, patches = self.encode_image(images)
+        b = cls.shape[0]
+        if neg_ids is not None:  # one pass over [true texts; negative texts]
+            ids, mask, cls = jnp.concatenate([ids, neg_ids]), jnp.concatenate([mask, neg_mask]), jnp.concatenate([cls, cls])
         hidden = self.text(ids, mask)
-        out = {"item": self._fuse(cls, hidden, mask), "patches": patches, "text": self.text_embedding(hidden, mask)}
+        fused = self._fuse(cls, hidden, mask)
+        out = {"item": fused[:b], "patches": patches, "text": self.text_embedding(hidden[:b], mask[:b])}
         if neg_ids is not None:
-            out["hard"] = self._fuse(cls, self.text(neg_ids, neg_mask), neg_mask)
+            out["hard"] = fused[b:]
         return out
 
 
@@ -294,12 +298,16 @@ class TigerFG(_WithText):
         {"item", "text", ["hard"]} [b, D], "patches" [b, n, H], "slot_maps" [b, K, n], "slot_weights" [b, K].
         "hard" is the image fused with the negative text (image–text mismatch hard negative)."""
         cls, patches = self.encode_image(images)
+        b = cls.shape[0]
+        if neg_ids is not None:  # one pass over [true texts; negative texts], images repeated
+            ids, mask = jnp.concatenate([ids, neg_ids]), jnp.concatenate([mask, neg_mask])
+            cls, patches = jnp.concatenate([cls, cls]), jnp.concatenate([patches, patches])
         hidden = self.text(ids, mask)
         fused = self.fuse(cls, patches, hidden, mask)
-        out = {"item": fused["item"], "patches": patches, "text": self.text_embedding(hidden, mask),
-               "slot_maps": fused["slot_maps"], "slot_weights": fused["slot_weights"]}
+        out = {"item": fused["item"][:b], "patches": patches[:b], "text": self.text_embedding(hidden[:b], mask[:b]),
+               "slot_maps": fused["slot_maps"][:b], "slot_weights": fused["slot_weights"][:b]}
         if neg_ids is not None:
-            out["hard"] = self.fuse(cls, patches, self.text(neg_ids, neg_mask), neg_mask)["item"]
+            out["hard"] = fused["item"][b:]
         return out
 
     def attention_maps(self, images: Array, ids: Array, mask: Array) -> dict[str, Array]:
@@ -321,10 +329,28 @@ def build_model(cfg: TigerFGConfig, *, rngs: nnx.Rngs, dtype=jnp.float32) -> Any
 
 
 def teacher_vit(cfg: ViTConfig, seed: int, dtype=jnp.float32) -> ViT:
-    """The frozen distillation teacher: a ViT built from ``seed`` (callers ``stop_gradient`` its outputs).
+    """The frozen distillation teacher: a ViT whose weights come from ``seed`` (callers ``stop_gradient``).
 
-    It is not part of the trained model's parameters, so no optimizer ever sees it. Built with eager
-    sharding off so it can be created inside a traced train step (XLA computes it from the seed).
+    It is not part of the trained model's parameters, so no optimizer ever sees it. Built so that it can
+    be created inside a traced train step cheaply: every weight matrix is drawn from one
+    ``N(0, 0.02^2)`` vector (BERT's init scale), LayerNorm scales are 1 and biases 0 (one RNG op, not one
+    per parameter, which keeps XLA's compile time down).
     """
     with nnx.use_eager_sharding(False):
-        return ViT(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
+        abstract = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    graphdef, state = nnx.split(abstract)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    sizes = [int(math.prod(leaf.shape)) for _, leaf in flat]
+    noise = 0.02 * jax.random.normal(jax.random.key(seed), (sum(sizes),), jnp.float32)
+    leaves, offset = [], 0
+    for (path, leaf), size in zip(flat, sizes):
+        name = str(getattr(path[-1], "key", path[-1])) if path else ""
+        names = [str(getattr(p, "key", p)) for p in path]
+        if leaf.ndim <= 1 and ("scale" in names or name == "scale"):
+            leaves.append(jnp.ones(leaf.shape, jnp.float32))
+        elif leaf.ndim <= 1 and not ("cls_token" in names or name == "cls_token"):
+            leaves.append(jnp.zeros(leaf.shape, jnp.float32))
+        else:
+            leaves.append(noise[offset:offset + size].reshape(leaf.shape))
+        offset += size
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))

@@ -32,24 +32,30 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> str:
 
 
 class Checkpointer:
-    """Saves run on one background thread, so the loop only pays for an on-device copy of the state.
+    """Saves without stalling the loop; restores the newest checkpoint that is intact.
 
-    ``save`` snapshots the state (a jitted copy, dispatched asynchronously, so the donated buffers of the
-    next step are free to go) and the data iterator's state (a small JSON dict), and hands both to the
-    saver thread, which writes them with a synchronous Orbax manager. Every process calls ``save`` at the
-    same steps, as Orbax's multi-host saving requires. A save waits for the previous one to finish.
+    One process: saves run on a background thread, so the loop only pays for an on-device copy of the
+    state (a jitted copy, dispatched asynchronously, so the donated buffers of the next step are free
+    to go) and the data iterator's state (a small JSON dict); the thread writes them with a
+    synchronous Orbax manager. Several processes: Orbax's own asynchronous save on the main thread, since
+    its cross-process barriers must not interleave with the train step's collectives. Every process
+    calls ``save`` at the same steps, as Orbax's multi-host saving requires. A save first waits for the
+    previous one.
     """
 
     def __init__(self, directory: pathlib.Path | str, *, keep: int = 3, use_async: bool = True):
         self.directory = pathlib.Path(directory).absolute()
         self._keep = keep
+        threaded = use_async and jax.process_count() == 1
+        self._orbax_async = use_async and not threaded
         self._manager = self._open()
-        self._saver = concurrent.futures.ThreadPoolExecutor(1, "ecomax-ckpt") if use_async else None
+        self._saver = concurrent.futures.ThreadPoolExecutor(1, "ecomax-ckpt") if threaded else None
         self._pending: concurrent.futures.Future | None = None
         self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
     def _open(self) -> ocp.CheckpointManager:
-        options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, enable_async_checkpointing=False, create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True,
+                                               enable_async_checkpointing=self._orbax_async)
         return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def steps(self) -> list[int]:
@@ -61,13 +67,16 @@ class Checkpointer:
         self.wait()
         meta = {**meta, "data_iter": data_iter.get_state() if data_iter is not None else None}
         if self._saver is None:
-            self._write(step, state, meta)
+            self._start(step, state, meta)
         else:
             self._pending = self._saver.submit(self._write, step, self._copy(state), meta)
 
-    def _write(self, step: int, state: Any, meta: dict) -> None:
+    def _start(self, step: int, state: Any, meta: dict) -> None:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args, force=True)
+
+    def _write(self, step: int, state: Any, meta: dict) -> None:
+        self._start(step, state, meta)
         self._manager.wait_until_finished()
 
     def wait(self) -> None:
@@ -75,6 +84,7 @@ class Checkpointer:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
+        self._manager.wait_until_finished()
 
     def restore(self, step: int, target: Any, data_iter: Any = None) -> tuple[Any, dict]:
         self.wait()

@@ -45,7 +45,7 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclasses.dataclass
 class TrainResult:
-    status: str  # "completed" | "interrupted"
+    status: str  # "completed" | "stopped" (at train.stop_after) | "interrupted" (by a signal)
     step: int
     metrics: dict[str, float]
     eval_metrics: dict[str, float]
@@ -186,10 +186,11 @@ class Trainer:
         evaluated: dict[str, float] = {}
         t_last, step_last, pause = time.perf_counter(), start, 0.0
         done = start
-        for done in range(start + 1, cfg.steps + 1):
+        last = min(cfg.steps, cfg.stop_after) if cfg.get("stop_after", 0) > 0 else cfg.steps
+        for done in range(start + 1, last + 1):
             state, metrics = step_fn(state, self.global_batch(next(data_iter), batch_sh))
             writer.advance()
-            final = done == cfg.steps
+            final = done == last
             if done % cfg.log_every == 0 or final:
                 logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 self._check_finite(int(logged.pop("bad_step")), last_saved)
@@ -199,7 +200,7 @@ class Trainer:
                 logged["step_time"] = seconds / (done - step_last)
                 writer.write(done, logged)
                 t_last, step_last, pause = now, done, 0.0
-            if (cfg.eval_every and done % cfg.eval_every == 0) or final:
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
                 t0 = time.perf_counter()
                 evaluated = self.evaluate(state, done)
                 writer.write(done, evaluated, prefix="eval/")
@@ -211,7 +212,7 @@ class Trainer:
             if stop.signum is not None:
                 writer.message(f"ecomax: {signal.Signals(stop.signum).name} received: saved step {done}, stopping")
                 return state, TrainResult("interrupted", done, logged, evaluated)
-        return state, TrainResult("completed", done, logged, evaluated)
+        return state, TrainResult("completed" if done == cfg.steps else "stopped", done, logged, evaluated)
 
     @staticmethod
     def _check_finite(bad_step: int, last_saved: int | None) -> None:

@@ -203,15 +203,16 @@ def recall_training_pairs(queries: Sequence[RecallQuery], corpus: ItemCorpus) ->
 
 def sample_negative(rng: np.random.Generator, num_items: int, exclude: Sequence[int],
                     max_trials: int = 20) -> int:
-    """A uniformly random corpus row not in ``exclude`` (rejection sampling, as the official
-    ``build_dpr.py``); after ``max_trials`` misses the last draw is returned (tiny corpora)."""
+    """A uniformly random corpus row not in ``exclude``: rejection sampling (as the official
+    ``build_dpr.py``), then, after ``max_trials`` misses, a draw from the explicit complement. Only
+    when every row is excluded is an excluded row returned (a corpus of positives has no negative)."""
     excluded = set(exclude)
-    row = int(rng.integers(num_items))
-    for _ in range(max_trials - 1):
-        if row not in excluded:
-            break
+    for _ in range(max_trials):
         row = int(rng.integers(num_items))
-    return row
+        if row not in excluded:
+            return row
+    rest = np.setdiff1d(np.arange(num_items), np.fromiter(excluded, np.int64, len(excluded)))
+    return int(rng.choice(rest)) if rest.size else row
 
 
 def click_counts(rows: Iterable[Mapping[str, Any]], split: str = "train") -> collections.Counter:
@@ -349,8 +350,10 @@ def world_texts(root: str | os.PathLike) -> Iterable[str]:
 
 def synthetic_world(params: Mapping[str, Any]) -> pathlib.Path:
     """A cached synthetic KuaiSearch folder (demo layout) with a tokenizer ``spm.model`` trained on
-    its texts. ``params``: ``num_users, num_items, num_sessions, num_relevance, seed, vocab_size``.
-    Built once per distinct ``params`` by ``data_pipelines.cache.cached_dataset``."""
+    its texts. ``params``: ``num_users, num_items, num_sessions, num_relevance, seed, vocab_size`` and
+    optionally ``model_type`` (sentencepiece's, default "unigram"; "char" splits Chinese into
+    characters as bert-base-chinese does). Built once per distinct ``params`` by
+    ``data_pipelines.cache.cached_dataset``."""
     from data_pipelines.cache import cached_dataset  # noqa: PLC0415
     from data_pipelines.kuaisearch.synthetic import synthesize  # noqa: PLC0415
     from data_pipelines.tokenizer import train_sentencepiece  # noqa: PLC0415
@@ -360,14 +363,17 @@ def synthetic_world(params: Mapping[str, Any]) -> pathlib.Path:
     def build(folder: pathlib.Path) -> None:
         synthesize(folder, num_users=p["num_users"], num_items=p["num_items"], num_sessions=p["num_sessions"],
                    num_relevance=p["num_relevance"], seed=p["seed"])
-        train_sentencepiece(world_texts(folder), folder / "spm.model", vocab_size=p["vocab_size"], seed=p["seed"])
+        train_sentencepiece(world_texts(folder), folder / "spm.model", vocab_size=p["vocab_size"],
+                            model_type=p.get("model_type", "unigram"), seed=p["seed"])
 
     return cached_dataset("kuaisearch_synth", {**p, "version": SYNTHETIC_VERSION}, build)
 
 
-def tokenizer_path(root: str | os.PathLike, explicit: str = "", vocab_size: int = 21128) -> pathlib.Path:
+def tokenizer_path(root: str | os.PathLike, explicit: str = "", vocab_size: int = 21128,
+                   model_type: str = "char") -> pathlib.Path:
     """The sentencepiece model for ``root``: ``explicit`` when given, else ``root/spm.model`` when it
-    exists, else one trained once on ``world_texts(root)`` and cached (keyed by root and vocab size)."""
+    exists, else one trained once on ``world_texts(root)`` and cached (keyed by root, vocabulary size
+    and model type; "char" splits Chinese into characters, as bert-base-chinese does)."""
     if explicit:
         path = pathlib.Path(explicit)
         if not path.is_file():
@@ -379,6 +385,8 @@ def tokenizer_path(root: str | os.PathLike, explicit: str = "", vocab_size: int 
     from data_pipelines.cache import cached_dataset  # noqa: PLC0415
     from data_pipelines.tokenizer import train_sentencepiece  # noqa: PLC0415
 
-    folder = cached_dataset("kuaisearch_spm", {"root": str(pathlib.Path(root).resolve()), "vocab_size": vocab_size},
-                            lambda d: train_sentencepiece(world_texts(root), d / "spm.model", vocab_size=vocab_size))
+    key = {"root": str(pathlib.Path(root).resolve()), "vocab_size": vocab_size, "model_type": model_type}
+    folder = cached_dataset("kuaisearch_spm", key,
+                            lambda d: train_sentencepiece(world_texts(root), d / "spm.model", vocab_size=vocab_size,
+                                                          model_type=model_type))
     return folder / "spm.model"

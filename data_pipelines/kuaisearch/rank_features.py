@@ -534,6 +534,39 @@ class IndexedSource:
         return [self.source[i] for i in real]
 
 
+class FeaturizedSource:
+    """``source`` featurized once into stacked numpy arrays (for small splits: a row is then a view).
+
+    ``source[i]`` -> ``{feature: array}``; ``batches(size)`` slices consecutive rows without Python per row.
+    """
+
+    def __init__(self, source: Any, featurize: Any, chunk: int = 2048, progress: bool = False):
+        n = len(source)
+        if n == 0:
+            raise ValueError("cannot featurize an empty source")
+        self.arrays: dict[str, np.ndarray] = {}
+        starts = range(0, n, chunk)
+        for s in (_progress(starts, "featurize", total=len(starts)) if progress else starts):
+            idx = list(range(s, min(n, s + chunk)))
+            rows = source.__getitems__(idx) if hasattr(source, "__getitems__") else [source[i] for i in idx]
+            for j, row in enumerate(rows):
+                ex = featurize(row)
+                if not self.arrays:
+                    self.arrays = {k: np.empty((n, *np.shape(v)), np.asarray(v).dtype) for k, v in ex.items()}
+                for k, v in ex.items():
+                    self.arrays[k][s + j] = v
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {k: v[i] for k, v in self.arrays.items()}
+
+    def batches(self, size: int) -> Iterator[dict[str, np.ndarray]]:
+        for s in range(0, len(self), size):
+            yield {k: v[s:s + size] for k, v in self.arrays.items()}
+
+
 def scan_fields(source: Any, fields: Sequence[str], chunk: int = 4096, progress: bool = True) -> dict[str, list]:
     """One pass over ``source`` collecting ``fields`` of every row (batched reads when available)."""
     out: dict[str, list] = {f: [] for f in fields}

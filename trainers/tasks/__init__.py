@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import importlib
 import pathlib
 from collections.abc import Callable, Mapping
@@ -45,6 +46,8 @@ class Task(abc.ABC):
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
+        # The trainer asks more than once (shapes, pipeline); sources may be costly to open or generate.
+        self.train_source = functools.cache(self.train_source)
 
     @abc.abstractmethod
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:

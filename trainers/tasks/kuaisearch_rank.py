@@ -47,6 +47,11 @@ def _predict(model: nnx.Module, *arrays: jax.Array) -> jax.Array:
     return jax.nn.sigmoid(model(dict(zip(rf.MODEL_INPUTS, arrays))).astype(jnp.float32))
 
 
+def _padded(rows: int, multiple: int = 8) -> int:
+    """Small tables get spare rows so that their vocab axis splits evenly over the mesh."""
+    return -(-rows // multiple) * multiple
+
+
 def _is_prepared(root: pathlib.Path, kind: str) -> bool:
     return (root / records.dataset_name(kind) / records.VERSION / "dataset_info.json").is_file()
 
@@ -122,8 +127,9 @@ class KuaiSearchRankTask(Task):
             name=m.name, embed_dim=m.embed_dim, mlp=tuple(m.mlp), cross_layers=m.cross_layers,
             dcn_structure=m.dcn_structure, attention_mlp=tuple(m.attention_mlp), num_dense=rf.NUM_DENSE,
             user_buckets=b.user, item_buckets=b.item, category_buckets=(b.category1, b.category2, b.category3),
-            text_buckets=b.text, gender_buckets=rf.vocab_size(rf.GENDERS), age_buckets=rf.vocab_size(rf.AGE_BUCKETS),
-            entrance_buckets=rf.vocab_size(rf.ENTRANCES), wide_cross_buckets=b.wide_cross)
+            text_buckets=b.text, gender_buckets=_padded(rf.vocab_size(rf.GENDERS)),
+            age_buckets=_padded(rf.vocab_size(rf.AGE_BUCKETS)), entrance_buckets=_padded(rf.vocab_size(rf.ENTRANCES)),
+            wide_cross_buckets=b.wide_cross)
 
     # --- model and loss -------------------------------------------------------------------------------
 
@@ -211,8 +217,26 @@ class KuaiSearchRankTask(Task):
                          (folder / "rule.txt").read_text())
 
     def train_source(self):
-        world = self.world
-        return world.train, world.featurizer(self.feature_config())
+        """Rank rows + the featurizer; with ``data.materialize`` (small worlds) the split is featurized
+        once into arrays and batches are views of them."""
+        if self.config.data.materialize:
+            return self.featurized("train")[0], None
+        return self.world.train, self.world.featurizer(self.feature_config())
+
+    @functools.cached_property
+    def _featurized(self) -> dict:
+        return {}
+
+    def featurized(self, split: str) -> tuple[rf.FeaturizedSource, rf.JoinStats]:
+        """A split ("train" | "test") featurized once into stacked arrays, and the join misses counted
+        while doing it."""
+        if split in self._featurized:
+            return self._featurized[split]
+        source = self.world.train if split == "train" else self.test_examples()[0]
+        featurize = self.world.featurizer(self.feature_config())
+        progress = bool(self.config.data.get("progress", True)) and sys.stderr.isatty()
+        self._featurized[split] = rf.FeaturizedSource(source, featurize, progress=progress), featurize.stats
+        return self._featurized[split]
 
     # --- evaluation -----------------------------------------------------------------------------------
 
@@ -220,6 +244,9 @@ class KuaiSearchRankTask(Task):
     def train_positive_rate(self) -> tuple[float, int]:
         """(positive rate of the train split, rows it was counted on): every row up to
         ``data.base_rate_rows``, else that many evenly spaced rows."""
+        if self.config.data.materialize:
+            labels = self.featurized("train")[0].arrays["label"]
+            return float(np.mean(labels)), len(labels)
         train = self.world.train
         n, cap = len(train), self.config.data.base_rate_rows
         idx = np.arange(n) if not cap or n <= cap else np.linspace(0, n - 1, cap).astype(np.int64)
@@ -237,13 +264,18 @@ class KuaiSearchRankTask(Task):
 
     def predict(self, ctx: EvalContext) -> tuple[np.ndarray, np.ndarray, rf.JoinStats]:
         """(labels, probabilities, join stats) over the evaluated test rows."""
-        source, _ = self.test_examples()
-        featurize = self.world.featurizer(self.feature_config())
+        size = self.config.data.eval_batch_size
+        if self.config.data.materialize:
+            source, stats = self.featurized("test")
+            batches = source.batches(size)
+        else:
+            featurize = self.world.featurizer(self.feature_config())
+            batches, stats = eval_batches(self.test_examples()[0], size, lambda r: featurize(r)), featurize.stats
         labels, probs = [], []
-        for batch in eval_batches(source, self.config.data.eval_batch_size, lambda r: featurize(r)):
+        for batch in batches:
             probs.append(ctx.apply(_predict, *(batch[k] for k in rf.MODEL_INPUTS)))
             labels.append(batch["label"])
-        return np.concatenate(labels), np.concatenate(probs), featurize.stats
+        return np.concatenate(labels), np.concatenate(probs), stats
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         labels, probs, stats = self.predict(ctx)

@@ -79,7 +79,8 @@ def data_root(config: ml_collections.ConfigDict) -> pathlib.Path:
 def load_tokenizer(config: ml_collections.ConfigDict, root: pathlib.Path):
     from data_pipelines.tokenizer import Tokenizer  # noqa: PLC0415
 
-    tok = Tokenizer.load(ex.tokenizer_path(root, config.data.tokenizer, config.data.tokenizer_vocab_size))
+    d = config.data
+    tok = Tokenizer.load(ex.tokenizer_path(root, d.tokenizer, d.tokenizer_vocab_size, d.tokenizer_model_type))
     if config.model.vocab_size and tok.vocab_size > config.model.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} pieces but model.vocab_size is "
                          f"{config.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer")
@@ -216,8 +217,10 @@ class KuaiSearchRecallTask(Task):
 
     def loss(self, model: DualEncoder, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         q = model.encode_query(batch["query_ids"], batch["query_mask"])
-        pos = model.encode_item(batch["pos_ids"], batch["pos_mask"])
-        neg = model.encode_item(batch["neg_ids"], batch["neg_mask"])
+        # positives and negatives in one encoder pass (a smaller program to compile): [2b, s] -> [2b, d]
+        items = model.encode_item(jnp.concatenate([batch["pos_ids"], batch["neg_ids"]]),
+                                  jnp.concatenate([batch["pos_mask"], batch["neg_mask"]]))
+        pos, neg = jnp.split(items, 2)
         if self.cosine:
             q, pos, neg = l2_normalize(q), l2_normalize(pos), l2_normalize(neg)
         loss, accuracy = dpr_loss(q, pos, neg, self.config.model.scale)

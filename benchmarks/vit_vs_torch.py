@@ -1,0 +1,204 @@
+"""ecomax's ViT-B/16 query-tower train step against a PyTorch reference, side by side in one process.
+
+    .venv/bin/python benchmarks/vit_vs_torch.py [--steps 4] [--warmup 1] [--xla-flags "..."] [--no-jemalloc]
+
+Both sides: ViT-B/16 (224 px, patch 16, 12 x 768, exact GELU, CLS token, final LayerNorm), a 256-d
+linear projection of the CLS token, in-batch InfoNCE against a fixed batch of 256-d keys
+(temperature 0.07), AdamW (lr 1e-4, weight decay 0.05), float32, batch 8. JAX: ``models/vit.ViT``
+with ``ViTConfig()`` (85,798,656 parameters), a jitted step with donated state. PyTorch:
+transformers' ``ViTModel`` (no pooler; its default attention, ``sdpa``), eager, ``torch.set_num_threads``
+= the CPU count.
+
+Rounds are interleaved (a JAX step, then a torch step, each timed to completion) so that load from
+other processes hits both alike; ``--warmup`` rounds (compilation, first-touch of memory) are not timed.
+Prints each side's examples/s (batch / median step time) and the ratio JAX / torch.
+
+Allocator: on this CPU glibc malloc costs JAX ~20% (pages handed back and faulted in every step, see
+shared/NOTES-performance.md). Unless ``--no-jemalloc``, the script re-executes itself once with
+``libjemalloc.so.2`` in ``LD_PRELOAD`` and ``MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true``
+when the library is installed (Debian: ``apt-get install libjemalloc2``); torch runs under the same
+allocator, so the comparison stays fair.
+
+``--xla-flags`` appends to ``XLA_FLAGS`` before JAX starts (e.g. the oneDNN / YNN fusion flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+MALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true"
+_REEXEC_MARK = "ECOMAX_VIT_BENCH_REEXEC"
+
+
+def find_jemalloc() -> str | None:
+    return next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
+
+
+def maybe_reexec_with_jemalloc(no_jemalloc: bool) -> None:
+    """Re-execute this script once with jemalloc preloaded (never loops; no-op when absent or disabled)."""
+    if no_jemalloc or os.environ.get(_REEXEC_MARK) or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    lib = find_jemalloc()
+    if lib is None:
+        print("jemalloc: libjemalloc.so.2 not found (apt-get install libjemalloc2); running with glibc malloc",
+              flush=True)
+        return
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(filter(None, [lib, env.get("LD_PRELOAD", "")]))
+    env["MALLOC_CONF"] = MALLOC_CONF
+    env[_REEXEC_MARK] = "1"
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=4, help="timed rounds (one JAX + one torch step each)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before JAX starts")
+    p.add_argument("--no-jemalloc", action="store_true", help="do not re-exec with jemalloc preloaded")
+    p.add_argument("--json", default=None, help="write the timings here")
+    return p.parse_args(argv)
+
+
+# --- JAX / ecomax ------------------------------------------------------------------------------------
+
+
+def jax_side(batch: int, images_nhwc, keys):
+    """``(step(), n_params)``: ``step()`` runs one train step and blocks on its result."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    sys.path.insert(0, str(REPO))
+    from models.vit import ViT, ViTConfig
+
+    cfg = ViTConfig()
+
+    class QueryTower(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.vit = ViT(cfg, rngs=rngs)
+            self.proj = nnx.Linear(cfg.hidden, 256, rngs=rngs)
+
+    with nnx.use_eager_sharding(False):
+        graphdef, params = nnx.split(QueryTower(nnx.Rngs(0)))
+    tx = optax.adamw(1e-4, weight_decay=0.05)
+    opt_state = tx.init(params)
+
+    def loss_fn(p, images, k):
+        model = nnx.merge(graphdef, p)
+        q = model.proj(model.vit.pooled(images))
+        q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+        logits = q @ k.T / 0.07
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.diagonal(logits))
+
+    def train_step(p, o, images, k):
+        loss, grads = jax.value_and_grad(loss_fn)(p, images, k)
+        updates, o = tx.update(grads, o, p)
+        return optax.apply_updates(p, updates), o, loss
+
+    train_step = jax.jit(train_step, donate_argnums=(0, 1))
+    x, k = jnp.asarray(images_nhwc), jnp.asarray(keys)
+    state = {"p": params, "o": opt_state}
+
+    def step() -> float:
+        state["p"], state["o"], loss = train_step(state["p"], state["o"], x, k)
+        return float(loss)  # blocks
+
+    n_params = sum(int(v.size) for v in jax.tree.leaves(params))
+    return step, n_params
+
+
+# --- PyTorch reference ------------------------------------------------------------------------------
+
+
+def torch_side(batch: int, images_nchw, keys, threads: int):
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                    intermediate_size=3072, image_size=224, patch_size=16, hidden_act="gelu",
+                                    layer_norm_eps=1e-6, qkv_bias=True)
+    vit = transformers.ViTModel(config, add_pooling_layer=False)
+    proj = torch.nn.Linear(768, 256)
+    model = torch.nn.ModuleDict({"vit": vit, "proj": proj}).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    x, k = torch.from_numpy(images_nchw), torch.from_numpy(keys)
+    labels = torch.arange(batch)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        q = model["proj"](model["vit"](pixel_values=x).last_hidden_state[:, 0])
+        q = torch.nn.functional.normalize(q, dim=-1)
+        loss = torch.nn.functional.cross_entropy(q @ k.T / 0.07, labels)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    n_params = sum(p.numel() for p in model.parameters())
+    return step, n_params, getattr(vit.config, "_attn_implementation", "?")
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    maybe_reexec_with_jemalloc(args.no_jemalloc)
+    if args.xla_flags:
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(args.batch, 224, 224, 3)).astype(np.float32)
+    keys = rng.normal(size=(args.batch, 256)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=-1, keepdims=True)
+
+    t0 = time.perf_counter()
+    jax_step, jax_params = jax_side(args.batch, images, keys)
+    torch_step, torch_params, attn = torch_side(args.batch, np.ascontiguousarray(images.transpose(0, 3, 1, 2)), keys,
+                                                args.threads)
+    print(f"built both in {time.perf_counter() - t0:.1f} s: ecomax ViT-B/16 + proj {jax_params:,} params, "
+          f"transformers ViTModel + proj {torch_params:,} params (attention: {attn})", flush=True)
+    allocator = "jemalloc (retain)" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
+    print(f"allocator: {allocator}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; torch threads {args.threads}; "
+          f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+
+    times = {"jax": [], "torch": []}
+    for r in range(args.warmup + args.steps):
+        for name, step in (("jax", jax_step), ("torch", torch_step)):
+            t = time.perf_counter()
+            loss = step()
+            dt = time.perf_counter() - t
+            timed = r >= args.warmup
+            if timed:
+                times[name].append(dt)
+            print(f"round {r} {'timed' if timed else 'warm-up'} {name:5s} {dt:7.3f} s  loss {loss:.4f}", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    eps = {k: args.batch / v for k, v in med.items()}
+    print(f"\nexamples/s (batch {args.batch} / median of {args.steps} steps): JAX {eps['jax']:.3f}   "
+          f"torch {eps['torch']:.3f}   ratio JAX/torch {eps['jax'] / eps['torch']:.3f}")
+    print(f"load average after: {os.getloadavg()[0]:.2f} (this machine is shared: differences under ~5% are noise)")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({
+            "allocator": allocator, "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": args.batch,
+            "times_s": times, "median_s": med, "examples_per_s": eps, "ratio": eps["jax"] / eps["torch"],
+            "torch_attention": attn, "load_average_end": os.getloadavg()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

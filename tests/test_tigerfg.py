@@ -1,0 +1,103 @@
+"""TIGER-FG: tower sizes, named parameters, tiny training runs of every variant, evaluation, base compile."""
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_test_config
+from flax import nnx
+
+from models.partitioning import param_logical_axes
+from models.tigerfg import QueryTower, TigerFGConfig, box_patch_mask, build_model
+from models.vit import ViTConfig
+from trainers.loop import Trainer
+from trainers.state import model_spec
+from trainers.tasks import get_task
+
+VARIANTS = ("tigerfg", "clip", "late_fusion")
+
+
+def _count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_query_tower_is_vit_b16_plus_projection():
+    with nnx.use_eager_sharding(False):
+        tower = nnx.eval_shape(lambda: QueryTower(ViTConfig(), 256, bias=True, rngs=nnx.Rngs(0)))
+    assert _count(nnx.state(tower.vit, nnx.Param)) == 85_798_656
+    assert _count(nnx.state(tower, nnx.Param)) == 85_798_656 + 768 * 256 + 256
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_variant_builds_with_named_params(name):
+    config = load_test_config("configs/tigerfg.py:tiny", f"model.name={name}")
+    task = get_task(config)
+    spec = model_spec(task.build_model)  # raises if any parameter lacks logical axis names
+    assert spec.num_params > 0
+    with nnx.use_eager_sharding(False):
+        model = build_model(task.model_config(), rngs=nnx.Rngs(0))
+    assert jax.tree.structure(param_logical_axes(nnx.state(model, nnx.Param)), is_leaf=lambda x: isinstance(x, tuple))
+    d = config.data
+    img = jnp.zeros((2, d.image_size, d.image_size, 3))
+    ids = jnp.ones((2, d.max_text_len), jnp.int32)
+    mask = jnp.ones((2, d.max_text_len), bool)
+    q, item = model.embed_query(img), model.embed_item(img, ids, mask)
+    assert q.shape == item.shape == (2, config.model.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(item, axis=-1), 1.0, rtol=1e-5)
+    if name == "tigerfg":
+        maps = model.attention_maps(img, ids, mask)
+        g = d.image_size // config.model.item_vit.patch_size
+        assert maps["slot_maps"].shape == (2, config.model.num_slots, g, g)
+        np.testing.assert_allclose(maps["slot_maps"].sum((-1, -2)), 1.0, rtol=1e-4)
+
+
+def test_shared_image_encoder_has_one_copy():
+    cfg = TigerFGConfig(query_vit=ViTConfig(image_size=32, patch_size=8, hidden=32, depth=1, heads=4, mlp_dim=64),
+                        item_vit=ViTConfig(image_size=32, patch_size=8, hidden=32, depth=1, heads=4, mlp_dim=64),
+                        text=TigerFGConfig().text.__class__(vocab_size=64, hidden=32, depth=1, heads=4, mlp_dim=64,
+                                                             max_len=16),
+                        embed_dim=16, num_slots=2, fusion_heads=4)
+    with nnx.use_eager_sharding(False):
+        sep = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
+        shared = nnx.eval_shape(lambda: build_model(
+            cfg.__class__(**{**cfg.__dict__, "share_image_encoder": True}), rngs=nnx.Rngs(0)))
+    vit = _count(nnx.state(sep.item_vit, nnx.Param))
+    assert _count(nnx.state(sep, nnx.Param)) - _count(nnx.state(shared, nnx.Param)) == vit
+
+
+def test_box_patch_mask():
+    m = box_patch_mask(jnp.asarray([[0.0, 0.0, 0.5, 0.5], [0.6, 0.6, 0.65, 0.65]]), 4).reshape(2, 4, 4)
+    np.testing.assert_array_equal(m[0], np.asarray([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    assert float(m[1].sum()) == 1 and float(m[1, 2, 2]) == 1  # a box smaller than a patch keeps its centre patch
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_tiny_training_run_and_evaluation(name, tmp_path):
+    config = load_test_config("configs/tigerfg.py:tiny", f"model.name={name}", "train.steps=12",
+                              "train.log_every=1", "train.checkpoint_every=12", "train.async_checkpoints=False")
+    result = Trainer.create(config, tmp_path).run()
+    assert result.status == "completed"
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses) == 12 and np.isfinite(losses).all()
+    assert min(losses[-4:]) < losses[0]
+    ev = result.eval_metrics
+    for layout in ("normal", "mosaic"):
+        for k in (1, 5, 10):
+            assert 0.0 <= ev[f"{layout}/exact/recall@{k}"] <= 1.0
+        assert ev[f"{layout}/num_queries"] > 0
+    assert (tmp_path / "retrieval" / "step_12" / "mosaic" / "index").is_dir()
+    assert all(isinstance(v, float) for v in ev.values())
+
+
+def test_base_config_compiles_on_8_fake_devices(tmp_path):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake) devices")
+    config = load_test_config("configs/tigerfg.py:base", "mesh.data=2", "mesh.fsdp=4", "train.batch_size=16")
+    t0 = time.perf_counter()
+    compiled = Trainer.create(config, tmp_path).lower().compile()
+    seconds = time.perf_counter() - t0
+    print(f"base lower+compile on 8 fake CPU devices: {seconds:.1f}s")
+    assert compiled is not None
