@@ -45,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
         "vocab": "tensor", "seq": "", "patch": "", "channels": "", "classes": "",
     })
 
+    # Pretrained towers: name -> trainers.init_from.init_from_entry(target=...); empty path = not used.
+    c.init_from = ml_collections.ConfigDict()
+
     c.data = ml_collections.ConfigDict()
     c.data.read_threads = 4
     c.data.prefetch = 16

@@ -192,19 +192,22 @@ def test_models_map_features_to_one_logit(name, kw):
 
 
 @pytest.mark.parametrize("name", ranking.MODEL_NAMES)
-def test_every_model_trains_a_few_sharded_steps(name):
-    config = load_test_config(TINY, *SMALL, f"model.name={name}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+def test_every_model_trains_a_few_steps(name):
+    # dnn also on a data x fsdp x tensor mesh: its tables split over (tensor, fsdp)
+    mesh = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2") if name == "dnn" else ()
+    config = load_test_config(TINY, *SMALL, f"model.name={name}", *mesh)
     trainer = Trainer.create(config, "/tmp/unused")
     step_fn, tx, shardings = trainer.compiled_step()
     state = init_state(trainer.task.build_model, config.seed, tx, shardings)
     data = iter(trainer.data())
     losses = []
-    for _ in range(4):
+    for _ in range(3):
         state, metrics = step_fn(state, trainer.global_batch(next(data), trainer.batch_shardings()))
         losses.append(float(metrics["loss"]))
     assert np.isfinite(losses).all() and int(state.bad_step) == -1
-    table = state.params["embed"]["item"]["embedding"]
-    assert table.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    if mesh:
+        table = state.params["embed"]["item"]["embedding"]
+        assert table.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
 
 
 # ----------------------------------------------------------------------------- learning and scale

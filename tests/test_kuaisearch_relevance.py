@@ -108,20 +108,15 @@ FULL = os.environ.get("ECOMAX_FULL_COMPILE") == "1"
 def test_lite_config_lowers_and_compiles_at_paper_shapes(tmp_path, name):
     """The paper's shapes (BERT-base, length 512, batch 16) on 8 fake devices with no data present.
 
-    Lowering always uses the full config; compiling BERT-base at 512 takes minutes on 2 CPU cores, so
-    by default the compile runs with 2 layers instead of 12 (same widths, length and batch). The full
-    compile: ``ECOMAX_FULL_COMPILE=1 pytest tests/test_kuaisearch_relevance.py -k lite``.
+    The cross-encoder (the lite default) lowers and compiles (~30 s on 2 busy cores). The bi-encoder
+    lowers; its compile (two encoder passes, ~55 s) runs with
+    ``ECOMAX_FULL_COMPILE=1 pytest tests/test_kuaisearch_relevance.py -k lite``.
     """
-    overrides = [f"data.root={tmp_path}", f"model.name={name}"]
-    config = load_test_config("configs/kuaisearch_relevance.py:lite", *overrides)
+    config = load_test_config("configs/kuaisearch_relevance.py:lite", f"data.root={tmp_path}", f"model.name={name}")
     trainer = Trainer.create(config, tmp_path)
     spec = trainer.task.batch_spec(config.train.batch_size)
-    length = spec["ids" if name == "cross" else "item_ids"].shape
-    assert length == (16, 512)
-    assert 101e6 < trainer.spec.num_params < 103e6  # BERT-base (pooler included), vocabulary 21128
+    assert spec["ids" if name == "cross" else "item_ids"].shape == (16, 512)
+    assert 101e6 < trainer.spec.num_params < 103e6  # BERT-base, vocabulary 21128
     lowered = trainer.lower()
-    if not FULL:
-        trainer = Trainer.create(load_test_config("configs/kuaisearch_relevance.py:lite", *overrides,
-                                                  "model.depth=2"), tmp_path)
-        lowered = trainer.lower()
-    assert lowered.compile() is not None
+    if name == "cross" or FULL:
+        assert lowered.compile() is not None

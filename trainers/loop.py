@@ -23,6 +23,7 @@ import numpy as np
 
 from data_pipelines.loader import process_batches
 from trainers.checkpoints import Checkpointer, config_fingerprint
+from trainers.init_from import apply_init_from
 from trainers.mesh import batch_sharding, make_mesh, parse_rules
 from trainers.metrics_writer import MetricsWriter
 from trainers.optimizer import make_optimizer
@@ -173,7 +174,10 @@ class Trainer:
                          fingerprint: str) -> tuple[TrainState, int | None]:
         restored = ckpt.restore_latest(abstract_state(self.spec, tx, shardings), data_iter)
         if restored is None:
-            return init_state(self.task.build_model, self.config.seed, tx, shardings), None
+            state = init_state(self.task.build_model, self.config.seed, tx, shardings)
+            if any(entry.path for entry in self.config.get("init_from", {}).values()):
+                state = state.replace(params=apply_init_from(state.params, shardings.params, self.config.init_from))
+            return state, None
         state, meta = restored
         if meta.get("config_hash") != fingerprint:
             log.warning("resuming from a checkpoint written with another config (hash %s, now %s)",

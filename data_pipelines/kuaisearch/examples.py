@@ -294,15 +294,10 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], max_len: int) -> tuple[np
 
 
 def _pair_lengths(n_a: int, n_b: int, room: int) -> tuple[int, int]:
-    """Token budget of a pair, longest-first truncation (HF ``truncation=True``)."""
-    if n_a + n_b <= room:
-        return n_a, n_b
-    half = room // 2
-    if n_a <= half:
-        return n_a, room - n_a
-    if n_b <= room - half:
-        return room - n_b, n_b
-    return half, room - half
+    """Token budget of a pair under longest-first truncation (HF ``truncation=True``: drop one token at a
+    time from the longer side, from the second on a tie)."""
+    a = min(n_a, max(room - n_b, (room + 1) // 2))
+    return a, min(n_b, room - a)
 
 
 def encode_pairs(tokenizer: Any, queries: Sequence[str], texts: Sequence[str], max_len: int

@@ -1,0 +1,110 @@
+"""init_from: training starts from imported Hugging Face weights, sharded as the rules say."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import load_test_config
+from models.hf_import import load_hf
+from models.vit import ViT, ViTConfig
+from trainers import tasks
+from trainers.init_from import init_from_entry
+from trainers.loop import Trainer, train
+from trainers.state import abstract_state
+from trainers.checkpoints import Checkpointer
+
+VIT = ViTConfig(image_size=32, patch_size=8, hidden=32, depth=2, heads=4, mlp_dim=64, ln_eps=1e-12,
+                pooler_dense=True)
+
+
+class _Probe(nnx.Module):
+    def __init__(self, rngs):
+        self.vit = ViT(VIT, rngs=rngs)
+        self.head = nnx.Linear(32, 1, rngs=rngs,
+                               kernel_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed", "classes")),
+                               bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("classes",)))
+
+
+class _Images:
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng(i)
+        return {"image": rng.normal(size=(32, 32, 3)).astype(np.float32), "y": np.float32(i % 2)}
+
+
+@tasks.register("test_vit_probe")
+class _ProbeTask(tasks.Task):
+    def build_model(self, rngs):
+        return _Probe(rngs)
+
+    def loss(self, model, batch, rng):
+        logit = model.head(model.vit.pooled(batch["image"]))[:, 0]
+        return jnp.mean(jnp.square(logit - batch["y"])), {}
+
+    def train_source(self):
+        return _Images(), None
+
+
+@pytest.fixture(scope="module")
+def hf_vit(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.ViTModel(transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32,
+                                                         num_hidden_layers=2, num_attention_heads=4,
+                                                         intermediate_size=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path_factory.mktemp("hf_vit")
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def probe_config(*overrides):
+    config = load_test_config("configs/two_tower.py:tiny", "train.batch_size=8", "train.steps=2",
+                              "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *overrides)
+    config.task = "test_vit_probe"
+    config.init_from.vit = init_from_entry("vit")
+    return config
+
+
+def test_training_starts_from_the_imported_weights_sharded(hf_vit, tmp_path):
+    config = probe_config()
+    config.init_from.vit.path = str(hf_vit)
+    config.optimizer.learning_rate = 0.0  # the saved state is then exactly the initial one
+    train(config, tmp_path)
+    trainer = Trainer.create(config, tmp_path)
+    tx, _ = trainer.optimizer()
+    state, _ = Checkpointer(tmp_path / "checkpoints").restore(2, abstract_state(trainer.spec, tx,
+                                                                                  trainer.shardings(tx)))
+    expected = load_hf(hf_vit).params
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6),
+                 state.params["vit"], expected)
+    qkv = state.params["vit"]["encoder"]["blocks"][0]["attn"]["qkv_kernel"]
+    assert "fsdp" in str(qkv.sharding.spec) and "tensor" in str(qkv.sharding.spec)
+    assert not np.any(np.asarray(state.params["head"]["kernel"]))  # the rest keeps its own init
+
+
+def test_a_model_of_another_size_is_rejected_naming_the_tensor(hf_vit, tmp_path):
+    global VIT
+    saved, VIT = VIT, ViTConfig(image_size=32, patch_size=8, hidden=32, depth=2, heads=4, mlp_dim=48,
+                                ln_eps=1e-12, pooler_dense=True)
+    try:
+        config = probe_config()
+        config.init_from.vit.path = str(hf_vit)
+        with pytest.raises(ValueError, match=r"vit/encoder/blocks/0/mlp/fc1/bias: imported shape \(64,\) != model shape \(48,\)"):
+            train(config, tmp_path)
+    finally:
+        VIT = saved
+
+
+def test_an_unknown_target_is_rejected(hf_vit, tmp_path):
+    config = probe_config()
+    config.init_from.vit = init_from_entry("towers/vit", path=str(hf_vit))
+    with pytest.raises(ValueError, match="target 'towers/vit': the model has no 'towers'"):
+        train(config, tmp_path)

@@ -1,0 +1,89 @@
+"""Start towers from pretrained weights: ``config.init_from.<name> = {format, path, target, skip, family}``.
+
+Each entry with a non-empty ``path`` imports a Hugging Face folder (``models/hf_import.py``) and puts
+its parameters at ``target`` (a ``/``-separated path into the model's parameters, e.g. ``query/vit``)
+with the shardings the rules give that subtree. Each process places only the shards its own devices
+hold (``jax.make_array_from_callback``): the model is never whole on one device. Applied once, when a
+run starts from scratch; a resumed run takes its weights from the checkpoint.
+
+    --set init_from.query.path=/models/vit-base-patch16-224 --set init_from.query.skip='pooler\\..*'
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def _keys(target: str) -> list[Any]:
+    return [int(k) if k.isdigit() else k for k in target.split("/") if k]
+
+
+def _subtree(tree: dict, target: str, what: str) -> Any:
+    node = tree
+    for key in _keys(target):
+        if not isinstance(node, dict) or key not in node:
+            raise ValueError(f"init_from target {target!r}: {what} has no {key!r} "
+                             f"(it has {sorted(map(str, node)) if isinstance(node, dict) else 'a leaf'})")
+        node = node[key]
+    return node
+
+
+def _replace(tree: dict, target: str, value: Any) -> dict:
+    keys = _keys(target)
+    if not keys:
+        return value
+    return {**tree, keys[0]: _replace(tree[keys[0]], "/".join(map(str, keys[1:])), value)}
+
+
+def place(imported: Any, current: Any, shardings: Any, where: str) -> Any:
+    """Put the host arrays ``imported`` on the devices with ``shardings``, checking ``current``'s shapes."""
+    flat_current = dict(jax.tree_util.tree_flatten_with_path(current)[0])
+    flat_imported = dict(jax.tree_util.tree_flatten_with_path(imported)[0])
+    name = lambda path: where + jax.tree_util.keystr(path, simple=True, separator="/")  # noqa: E731
+    missing = sorted(name(p) for p in flat_current.keys() - flat_imported.keys())
+    extra = sorted(name(p) for p in flat_imported.keys() - flat_current.keys())
+    if missing or extra:
+        raise ValueError(f"init_from {where}: the imported parameters do not match the model; "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
+
+    def put(path, leaf, sharding):
+        array = np.asarray(flat_imported[path], dtype=leaf.dtype)
+        if array.shape != leaf.shape:
+            raise ValueError(f"init_from {name(path)}: imported shape {array.shape} != model shape {leaf.shape}")
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+    return jax.tree.map_with_path(put, current, shardings)
+
+
+def apply_init_from(params: dict, param_shardings: dict, init_from: ml_collections.ConfigDict) -> dict:
+    """``params`` with every configured pretrained subtree replaced (shardings kept)."""
+    from models.hf_import import load_hf
+
+    for name, entry in sorted(init_from.items()):
+        if not entry.path:
+            continue
+        if entry.format != "hf":
+            raise ValueError(f"init_from.{name}.format={entry.format!r}: only 'hf' (a Hugging Face folder with "
+                             "config.json + model.safetensors) is supported")
+        skip = tuple(s for s in entry.get("skip", "").split(",") if s)
+        imported = load_hf(entry.path, family=entry.get("family", "") or None, skip=skip)
+        log.warning("init_from.%s: %s -> %s\n%s", name, entry.path, entry.target, imported.report)
+        current = _subtree(params, entry.target, "the model")
+        placed = place(imported.params, current, _subtree(param_shardings, entry.target, "the shardings"),
+                       f"{entry.target}/")
+        params = _replace(params, entry.target, placed)
+    return params
+
+
+def init_from_entry(target: str, *, path: str = "", skip: str = "", family: str = "") -> ml_collections.ConfigDict:
+    """A config entry; set ``path`` (e.g. with ``--set init_from.NAME.path=...``) to use it."""
+    return ml_collections.ConfigDict({"format": "hf", "path": path, "target": target, "skip": skip,
+                                      "family": family})
