@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
         "vocab": "tensor", "seq": "", "patch": "", "channels": "", "classes": "",
     })
 
-    # Pretrained towers: name -> trainers.init_from.init_from_entry(target=...); empty path = not used.
+    # Pretrained towers: name -> init_from_entry(target); an empty path = not used (trainers/init_from.py).
     c.init_from = ml_collections.ConfigDict()
 
     c.data = ml_collections.ConfigDict()
@@ -53,3 +53,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.prefetch = 16
     c.data.worker_count = 0           # >0: decode in that many prefetch processes
     return c
+
+
+def init_from_entry(target: str, *, path: str = "", skip: str = "", family: str = "") -> ml_collections.ConfigDict:
+    """A pretrained-tower entry for ``c.init_from.NAME``: a Hugging Face folder placed at ``target``.
+
+    ``target`` is a ``/`` path into the model's parameters (e.g. ``query/vit``); set ``path`` (also with
+    ``--set init_from.NAME.path=...``) to use it; ``skip``: comma-separated regexes of tensors to ignore;
+    ``family``: vit | clip | siglip | bert | xlmr (default: from config.json).
+    """
+    return ml_collections.ConfigDict({"format": "hf", "path": path, "target": target, "skip": skip,
+                                      "family": family})

@@ -10,7 +10,7 @@ from conftest import load_test_config
 from models.hf_import import load_hf
 from models.vit import ViT, ViTConfig
 from trainers import tasks
-from trainers.init_from import init_from_entry
+from configs.common import init_from_entry
 from trainers.loop import Trainer, train
 from trainers.state import abstract_state
 from trainers.checkpoints import Checkpointer

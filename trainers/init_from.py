@@ -81,9 +81,3 @@ def apply_init_from(params: dict, param_shardings: dict, init_from: ml_collectio
                        f"{entry.target}/")
         params = _replace(params, entry.target, placed)
     return params
-
-
-def init_from_entry(target: str, *, path: str = "", skip: str = "", family: str = "") -> ml_collections.ConfigDict:
-    """A config entry; set ``path`` (e.g. with ``--set init_from.NAME.path=...``) to use it."""
-    return ml_collections.ConfigDict({"format": "hf", "path": path, "target": target, "skip": skip,
-                                      "family": family})
