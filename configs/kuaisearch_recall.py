@@ -11,7 +11,9 @@ Arguments:
     ``recall/dpr/config/train_dpr_nq.yaml``): BERT-base (768 wide, 12 layers, 12 heads, vocab 21128
     like bert-base-chinese), CLS embeddings, dot product, batch 64, lr 2e-5 with 1237 warm-up steps
     then linear decay, max length 64, grad-norm clip 2.0, no weight decay, float32. The tokenizer is
-    ``data.tokenizer`` or a 21128-piece sentencepiece model trained once on the data (cached). Training
+    ``data.tokenizer``, else ``data.root/spm.model``, else a sentencepiece model trained once on the
+    data's texts and cached (``char`` type: one piece per Chinese character, as bert-base-chinese,
+    at most 21128 pieces). Training
     starts from random weights (no bert-base-chinese import here). ``train.steps`` is a placeholder:
     the paper trains up to 40 epochs of ``#train sessions / 64`` steps with early stopping.
 """

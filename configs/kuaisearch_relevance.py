@@ -9,7 +9,8 @@ Arguments:
   ``lite``: KuaiSearch-Lite's ``relevance/train.jsonl`` under ``data.root`` (raw or prepared) at the
     paper's settings (official ``relevance/crossencoder/config.json``): BERT-base (768 wide, 12 layers,
     12 heads, vocab 21128 like bert-base-chinese), max length 512, batch 16, lr 2e-5 with 1% warm-up
-    then linear decay, weight decay 1e-4, float32; random initialisation (no pretrained import here).
+    then linear decay, weight decay 1e-4, float32; random initialisation (no pretrained import here);
+    the tokenizer as in ``configs/kuaisearch_recall.py:lite``.
     ``train.steps`` is a placeholder for 20 epochs of ``#train records / 16`` steps. The bi-encoder
     reads queries at ``data.query_len`` = 64 tokens and item texts at ``data.max_len``.
 """

@@ -6,6 +6,8 @@
     ecomax data prepare kuaisearch --src DIR --out DIR
     ecomax data tokenizer --corpus FILE... --out spm.model
     ecomax demo --out runs/demo
+    ecomax bench --config configs/X.py:ARG [--steps N] [--json OUT] [--aot --mesh data=2,fsdp=4,tensor=1]
+    ecomax export --workdir DIR --out DIR --format {params,safetensors,stablehlo,scann}
     ecomax launch {local,slurm,gke,tpu-vm} ... -- train ...
 """
 
@@ -16,7 +18,9 @@ import logging
 import os
 import sys
 
+from launch.bench import add_bench_parser
 from launch.demo import add_demo_parser
+from launch.export import add_export_parser
 from launch.launchers import add_launch_parser
 
 # Exit codes of `ecomax train`.
@@ -148,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_data_parser(sub)
     add_demo_parser(sub)
+    add_bench_parser(sub)
+    add_export_parser(sub)
     add_launch_parser(sub)
     return parser
 

@@ -219,8 +219,8 @@ def test_dnn_and_din_beat_the_constant_predictor(name, tmp_path):
     result = Trainer.create(config, tmp_path, jax.devices()[:1]).run()
     ev = result.eval_metrics
     assert ev["constant/roc_auc"] == 0.5
-    assert ev["roc_auc"] > 0.65, ev
-    assert ev["logloss"] < ev["constant/logloss"] - 0.02, ev
+    assert ev["roc_auc"] > 0.62, ev  # DNN 0.67, DIN 0.71 at seed 0 (benchmarks/kuaisearch_rank_baselines.py)
+    assert ev["logloss"] < ev["constant/logloss"] - 0.01, ev
     assert ev["join/users_missing"] == ev["join/items_missing"] == 0
 
 

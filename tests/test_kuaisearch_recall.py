@@ -93,9 +93,13 @@ def test_towers_embed_with_their_input_shapes():
         assert (model.item_encoder is None) == shared
         for tower in task.towers().values():
             args = [jnp.ones((3, *s.shape), s.dtype) for s in tower.inputs.values()]
-            out = tower.fn(model, *args)
+            out = jax.jit(tower.fn)(model, *args)
             assert out.shape == (3, task.config.model.hidden)
             np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)  # cosine in tiny
+    corpus = task.export_corpus("eval", 10)
+    ids, (tok, mask) = next(corpus.batches)
+    assert corpus.tower == "item" and ids.tolist() == task.world.corpus.ids[:10].tolist()
+    assert tok.shape == mask.shape == (10, task.config.data.item_len)
 
 
 def test_tiny_dual_encoder_beats_popularity(tmp_path):

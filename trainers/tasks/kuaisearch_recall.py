@@ -252,6 +252,23 @@ class KuaiSearchRecallTask(Task):
                            "item_mask": jax.ShapeDtypeStruct((d.item_len,), np.bool_)}),
         }
 
+    def export_corpus(self, name: str = "eval", size: int | None = None) -> Any:
+        """The item corpus for ``ecomax export --format scann``: the ``item`` tower's inputs in batches of
+        ``(item ids [n], (ids, mask))`` (duck-typed ``launch.export.Corpus``; trainers do not import launch)."""
+        import types  # noqa: PLC0415
+
+        if name not in ("eval", "items"):
+            raise ValueError(f"kuaisearch_recall has one export corpus, 'eval' (every item); got {name!r}")
+        w, d = self.world, self.config.data
+        n = len(w.corpus) if size is None else min(int(size), len(w.corpus))
+
+        def batches():
+            for s in batched(n, self.config.eval.batch_size):
+                yield w.corpus.ids[s], ex.encode_texts(w.tokenizer, w.corpus.texts[s], d.item_len)
+
+        return types.SimpleNamespace(tower="item", batches=batches(), description={
+            "name": name, "size": n, "source": str(w.root), "ids": "item_id", "text": "title brand categories"})
+
     # --- evaluation -----------------------------------------------------------------------------------
 
     def eval_queries(self) -> list[ex.RecallQuery]:
