@@ -74,7 +74,8 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
     for stage in dict.fromkeys(r["stage"] for r in rows):
         sub = [r for r in rows if r["stage"] == stage]
         metrics = list(dict.fromkeys(r["metric"] for r in sub))
-        methods = list(dict.fromkeys(r["method"] for r in sub))
+        methods = sorted(dict.fromkeys(r["method"] for r in sub), key=lambda m: not any(  # trained models first
+            r["steps"] for r in sub if r["method"] == m))
         value = {(r["method"], r["metric"]): r["value"] for r in sub}
         steps = {r["method"]: r["steps"] for r in sub}
         head = f"| {stage} | steps | " + " | ".join(metrics) + " |"
