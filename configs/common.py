@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Logical axis name -> mesh axes ("a,b"; "" replicates). Parameters and activations use the same rules.
     c.sharding = ml_collections.ConfigDict()
     c.sharding.rules = ml_collections.ConfigDict({
-        "batch": "data,fsdp", "embed": "fsdp", "mlp": "tensor", "heads": "tensor", "kv": "",
+        "batch": "fsdp,data", "embed": "fsdp", "mlp": "tensor", "heads": "tensor", "kv": "",
         "vocab": "tensor", "seq": "", "patch": "", "channels": "", "classes": "",
     })
 

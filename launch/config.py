@@ -154,6 +154,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(f"mesh sizes {sizes}: each must be positive, and at most one may be -1")
+    batch = [a.strip() for a in config.get("sharding", {}).get("rules", {}).get("batch", "").split(",")]
+    if "data" in batch and "fsdp" in batch and batch.index("data") < batch.index("fsdp"):
+        raise ConfigError("sharding.rules.batch='data,fsdp': jaxlib 0.10.2's SPMD partitioner swaps batch rows "
+                          "in matmuls with fsdp-sharded weights under this order (wrong gradients); use 'fsdp,data'")
     for name, axes in config.get("sharding", {}).get("rules", {}).items():
         for axis in filter(None, axes.split(",")):
             if axis.strip() not in ("data", "fsdp", "tensor"):

@@ -8,7 +8,7 @@ and activations are constrained with the same vocabulary::
 
     x = constrain(x, ("batch", "seq", "embed"))
 
-A *rule set* maps each logical name to mesh axes (``{"batch": ("data", "fsdp"), "embed": ("fsdp",),
+A *rule set* maps each logical name to mesh axes (``{"batch": ("fsdp", "data"), "embed": ("fsdp",),
 "mlp": ("tensor",)}``); names that are absent or map to ``()`` are replicated. The trainer picks the
 rules from the config and activates them while it traces the step (``activation_rules``); outside that
 context ``constrain`` is a no-op, so models run unchanged in plain Python, in tests and in exports.

@@ -32,6 +32,8 @@ def test_invalid_values_are_rejected_before_compiling():
         load_test_config("configs/two_tower.py:tiny", "train.microbatches=5")
     with pytest.raises(ConfigError, match="unknown mesh axis 'model'"):
         load_test_config("configs/two_tower.py:tiny", "sharding.rules.mlp=model")
+    with pytest.raises(ConfigError, match="use 'fsdp,data'"):
+        load_test_config("configs/two_tower.py:tiny", "sharding.rules.batch=data,fsdp")
     with pytest.raises(ConfigError, match="at most one may be -1"):
         load_test_config("configs/two_tower.py:tiny", "mesh.fsdp=-1")
 

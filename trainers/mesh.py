@@ -11,11 +11,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from models.partitioning import Rules
 
 MESH_AXES = ("data", "fsdp", "tensor")
-# The batch dimension of every input is split over the data-parallel axes.
-BATCH_AXES = ("data", "fsdp")
+# The batch dimension of every input is split over the data-parallel axes, fsdp-major: with
+# ("data", "fsdp") the SPMD partitioner of jaxlib 0.10.2 swaps batch rows in matmuls whose other operand
+# is sharded over fsdp when fsdp and tensor have equal sizes (e.g. 2x2x2), silently corrupting
+# gradients; ("fsdp", "data") partitions the same work correctly. README: Known issues.
+BATCH_AXES = ("fsdp", "data")
 
 DEFAULT_RULES = {
-    "batch": "data,fsdp",
+    "batch": "fsdp,data",
     "embed": "fsdp",
     "mlp": "tensor",
     "heads": "tensor",
@@ -45,7 +48,7 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
 
 
 def parse_rules(rules: Mapping[str, str]) -> Rules:
-    """Config rules ``{"embed": "fsdp", "batch": "data,fsdp", "seq": ""}`` -> ``{name: (axes...)}``."""
+    """Config rules ``{"embed": "fsdp", "batch": "fsdp,data", "seq": ""}`` -> ``{name: (axes...)}``."""
     return {name: tuple(a.strip() for a in axes.split(",") if a.strip()) for name, axes in rules.items()}
 
 
