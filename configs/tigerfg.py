@@ -90,7 +90,6 @@ def get_config(arg: str = "tiny"):
         # Paper scale: parameters FSDP-sharded over every device, the batch over every device.
         c.mesh.data = 1
         c.mesh.fsdp = -1
-        c.sharding.rules.embed = "fsdp"
-        c.sharding.rules.batch = "data,fsdp"
+        c.sharding.rules.embed = "fsdp"   # (the batch rule stays the default "fsdp,data")
         c.data.worker_count = 8
     return c

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from trainers.mesh import BATCH_AXES
 from trainers.tigerfg_losses import i2v_loss, q2i_loss, sdd_loss, srd_loss, v2t_loss
 
 
@@ -60,7 +61,7 @@ def test_q2i_sharded_equals_dense_values_and_gradients():
 
     grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
     dense_v, dense_g = jax.jit(lambda *a: grad(*a, None))(q, item, hard, 7.0)
-    row = NamedSharding(mesh, P(("data", "fsdp")))
+    row = NamedSharding(mesh, P(BATCH_AXES))
     args = [jax.device_put(x, row) for x in (q, item, hard)]
     sharded_v, sharded_g = jax.jit(lambda *a: grad(*a, mesh))(*args, 7.0)
     np.testing.assert_allclose(sharded_v, dense_v, rtol=1e-5)

@@ -5,7 +5,7 @@ Conventions: embeddings are L2-normalised, ``scale`` is an inverse temperature (
 every loss returns a scalar mean over its valid anchors. Masks are bool (True = valid / attend).
 
 ``q2i_loss`` is written for large global batches: under the trainer's ``activation_rules`` (a mesh
-in context) it runs as a ``jax.shard_map`` over the batch axes ("data", "fsdp"): each device
+in context) it runs as a ``jax.shard_map`` over the batch axes (``trainers.mesh.BATCH_AXES``): each device
 all-gathers the item embeddings and builds only its own ``[b_local, B]`` logits, then the loss is a
 ``psum``. Memory per device grows with ``b_local * B``, never with ``B * B``. Outside a mesh (plain
 calls, tests) it runs the same maths densely.
@@ -20,8 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from models import partitioning
-
-BATCH_AXES = ("data", "fsdp")
+from trainers.mesh import BATCH_AXES  # the batch split of every input ("fsdp", "data"), in that order
 _NEG = -1e9
 
 
@@ -68,7 +67,7 @@ def q2i_loss(q: jax.Array, item: jax.Array, scale: jax.Array | float, *, item_in
     product ``hard_index [B]``): every row is an extra negative for every query, except those whose
     text is the query's own product. Returns the scalar ``mean_i [logsumexp_j l_ij - l_ii]``.
 
-    With a mesh (argument, or the trainer's context) the batch is split over ("data", "fsdp") and the
+    With a mesh (argument, or the trainer's context) the batch is split over ``BATCH_AXES`` and the
     loss is computed per device on ``[B_local, B]`` (or ``[B_local, 2B]``) logits, then ``psum``-ed.
     """
     scale = jnp.asarray(scale, jnp.float32)
