@@ -4,7 +4,7 @@
     ecomax train --config configs/tigerfg.py:small --workdir runs/clip --set model.name=clip
     ecomax train --config configs/tigerfg.py:small --workdir runs/nodistill --set loss.srd=0. --set loss.sdd=0.
 
-Arguments: ``tiny`` (CPU, well under a minute), ``small`` (CPU demo scale: a few minutes), ``base`` (the
+Arguments: ``tiny`` (CPU, well under a minute), ``demo`` (the ``make demo`` runs), ``small`` (CPU demo scale: a few minutes), ``base`` (the
 paper's scale: ViT-B/16 query and item towers at 224 px, a BERT-base text tower, 256-d, global batch
 4096, bf16, parameters sharded FSDP over all devices; 10M pairs x 10 epochs).
 ``model.name``: ``tigerfg`` | ``clip`` | ``late_fusion``. ``loss.<term>=0`` switches a term off.
@@ -23,6 +23,7 @@ def _vit(patch: int, hidden: int, depth: int, heads: int, mlp: int) -> ml_collec
 # image, patch, width, depth, heads, text width, text depth, slots, embed, batch, steps, items, queries/item
 SIZES = {
     "tiny": (32, 8, 64, 2, 4, 64, 1, 4, 32, 32, 30, 120, 2),
+    "demo": (32, 8, 64, 2, 4, 64, 1, 4, 32, 32, 300, 400, 2),
     "small": (48, 8, 96, 3, 4, 64, 2, 4, 64, 64, 500, 600, 4),
     "base": (224, 16, 768, 12, 12, 768, 12, 8, 256, 4096, 24_414, 0, 0),
 }

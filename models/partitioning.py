@@ -101,6 +101,12 @@ def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing ``activation_rules`` (the trainer's step), or None in plain calls."""
+    active = _ACTIVE.get()
+    return None if active is None else active[0]
+
+
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     """Constrain an activation's sharding by logical names; a no-op outside ``activation_rules``."""
     active = _ACTIVE.get()

@@ -24,12 +24,6 @@ from trainers.mesh import BATCH_AXES  # the batch split of every input ("fsdp", 
 _NEG = -1e9
 
 
-def _active_mesh():
-    """The mesh of the trainer's ``activation_rules`` context, or None (plain calls)."""
-    active = partitioning._ACTIVE.get()  # noqa: SLF001 - the trainer's own context variable
-    return None if active is None else active[0]
-
-
 def _f32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float32)
 
@@ -71,7 +65,7 @@ def q2i_loss(q: jax.Array, item: jax.Array, scale: jax.Array | float, *, item_in
     loss is computed per device on ``[B_local, B]`` (or ``[B_local, 2B]``) logits, then ``psum``-ed.
     """
     scale = jnp.asarray(scale, jnp.float32)
-    mesh = mesh if mesh is not None else _active_mesh()
+    mesh = mesh if mesh is not None else partitioning.active_mesh()
     has_hard = hard is not None
     if hard_index is None:
         hard_index = item_index
