@@ -99,7 +99,8 @@ def _plot_heatmaps(out: pathlib.Path, heat) -> str:
         for ax in axes[:, i]:
             ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=1.5))
             ax.axis("off")
-        axes[0, i].set_title(heat.titles[i][:28], fontsize=7)
+        latin = "".join(ch for ch in heat.titles[i] if ord(ch) < 128).strip()  # the plot font has no CJK glyphs
+        axes[0, i].set_title(latin[:30], fontsize=7)
     fig.suptitle("TIGER-FG slot attention over Mosaic item images (white: the target's box)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "slots.png", dpi=120)
