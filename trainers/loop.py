@@ -134,6 +134,9 @@ class Trainer:
                                prefetch=d.get("prefetch", 16), worker_count=d.get("worker_count", 0))
 
     def global_batch(self, local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:
+        """This process's rows -> global arrays (one batched transfer when there is one process)."""
+        if jax.process_count() == 1:
+            return jax.device_put(local, {k: shardings[k] for k in local})
         return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in local.items()}
 
     def evaluate(self, state: TrainState, step: int) -> dict[str, float]:
