@@ -64,3 +64,22 @@ def init_from_entry(target: str, *, path: str = "", skip: str = "", family: str 
     """
     return ml_collections.ConfigDict({"format": "hf", "path": path, "target": target, "skip": skip,
                                       "family": family})
+
+
+# The synthetic KuaiSearch world of the recall and relevance `tiny` configs (one cached world, one
+# tokenizer). Character tokens, as bert-base-chinese.
+KUAISEARCH_SYNTHETIC = {"num_users": 200, "num_items": 800, "num_sessions": 3000, "num_relevance": 12000,
+                        "seed": 0, "vocab_size": 2000, "model_type": "char"}
+
+
+def kuaisearch_text_model(tiny: bool, *, name: str, max_positions: int) -> ml_collections.ConfigDict:
+    """The text encoder of the KuaiSearch recall and relevance configs: tiny, or BERT-base (``lite``)."""
+    return ml_collections.ConfigDict({
+        "name": name,
+        "vocab_size": 0 if tiny else 21128,  # 0: the tokenizer's size; 21128 = bert-base-chinese
+        "hidden": 64 if tiny else 768,
+        "depth": 2 if tiny else 12,
+        "heads": 4 if tiny else 12,
+        "mlp_dim": 256 if tiny else 3072,
+        "max_positions": max_positions if tiny else 512,
+    })

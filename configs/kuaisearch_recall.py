@@ -20,11 +20,7 @@ Arguments:
 
 import ml_collections
 
-from configs.common import base_config
-
-# Shared by both KuaiSearch tiny configs (one cached world). Character tokens, as bert-base-chinese.
-SYNTHETIC = {"num_users": 200, "num_items": 800, "num_sessions": 3000, "num_relevance": 12000, "seed": 0,
-             "vocab_size": 2000, "model_type": "char"}
+from configs.common import KUAISEARCH_SYNTHETIC, base_config, kuaisearch_text_model
 
 
 def get_config(arg: str = "tiny"):
@@ -34,20 +30,13 @@ def get_config(arg: str = "tiny"):
     c = base_config()
     c.task = "kuaisearch_recall"
 
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "dpr_sde"            # dpr_sde | dpr_ade
-    c.model.vocab_size = 0 if tiny else 21128   # 0: the tokenizer's size
-    c.model.hidden = 64 if tiny else 768
-    c.model.depth = 2 if tiny else 12
-    c.model.heads = 4 if tiny else 12
-    c.model.mlp_dim = 256 if tiny else 3072
-    c.model.max_positions = 64 if tiny else 512
+    c.model = kuaisearch_text_model(tiny, name="dpr_sde", max_positions=64)  # dpr_sde | dpr_ade
     c.model.pooling = "mean" if tiny else "cls"       # cls (DPR) | mean | pooler
     c.model.similarity = "cosine" if tiny else "dot"  # dot (DPR) | cosine
     c.model.scale = 20.0 if tiny else 1.0             # logits = scale * similarity
 
     c.data.root = ""                    # empty: the synthetic world below
-    c.data.synthetic = ml_collections.ConfigDict(SYNTHETIC)
+    c.data.synthetic = ml_collections.ConfigDict(KUAISEARCH_SYNTHETIC)
     c.data.tokenizer = ""               # a sentencepiece .model; empty: root/spm.model or trained once
     c.data.tokenizer_vocab_size = 2000 if tiny else 21128
     c.data.tokenizer_model_type = "char"   # when a tokenizer is trained here: char | unigram | bpe

@@ -17,11 +17,7 @@ Arguments:
 
 import ml_collections
 
-from configs.common import base_config
-
-# Shared by both KuaiSearch tiny configs (one cached world). Character tokens, as bert-base-chinese.
-SYNTHETIC = {"num_users": 200, "num_items": 800, "num_sessions": 3000, "num_relevance": 12000, "seed": 0,
-             "vocab_size": 2000, "model_type": "char"}
+from configs.common import KUAISEARCH_SYNTHETIC, base_config, kuaisearch_text_model
 
 
 def get_config(arg: str = "tiny"):
@@ -31,20 +27,13 @@ def get_config(arg: str = "tiny"):
     c = base_config()
     c.task = "kuaisearch_relevance"
 
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "cross"              # cross | bi
-    c.model.vocab_size = 0 if tiny else 21128   # 0: the tokenizer's size
-    c.model.hidden = 64 if tiny else 768
-    c.model.depth = 2 if tiny else 12
-    c.model.heads = 4 if tiny else 12
-    c.model.mlp_dim = 256 if tiny else 3072
-    c.model.max_positions = 96 if tiny else 512
+    c.model = kuaisearch_text_model(tiny, name="cross", max_positions=96)  # cross | bi
     c.model.pooling = "pooler"          # cross: BERT pooler over CLS; bi: try "mean"
     c.model.init_scale = 10.0           # bi: logit = scale * cos + bias
     c.model.init_bias = -5.0
 
     c.data.root = ""                    # empty: the synthetic world below
-    c.data.synthetic = ml_collections.ConfigDict(SYNTHETIC)
+    c.data.synthetic = ml_collections.ConfigDict(KUAISEARCH_SYNTHETIC)
     c.data.tokenizer = ""               # a sentencepiece .model; empty: root/spm.model or trained once
     c.data.tokenizer_vocab_size = 2000 if tiny else 21128
     c.data.tokenizer_model_type = "char"   # when a tokenizer is trained here: char | unigram | bpe

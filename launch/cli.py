@@ -87,7 +87,11 @@ def _tokenizer(args: argparse.Namespace) -> int:
     from data_pipelines.tokenizer import tokenizer_main
 
     fields = args.fields.split(",") if args.fields else None
-    tokenizer_main(args.corpus, args.out, vocab_size=args.vocab_size, fields=fields)
+    try:
+        tokenizer_main(args.corpus, args.out, vocab_size=args.vocab_size, fields=fields)
+    except RuntimeError as e:  # sentencepiece's trainer reports bad settings this way
+        print(f"ecomax data tokenizer: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -105,21 +109,17 @@ def _add_data_parser(sub) -> None:
     p.add_argument("--sessions", type=int, default=10_000, help="kuaisearch: number of search sessions")
     p.set_defaults(func=_synth_with_defaults)
 
-    p = data.add_parser("build", help="ECom-RF-IMMR: JSONL manifest + images -> ArrayRecord shards")
-    p.add_argument("dataset", choices=("ecom_rf_immr",))
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--max-bad-fraction", type=float, default=0.0)
-    p.set_defaults(func=_build)
-
-    p = data.add_parser("prepare", help="KuaiSearch: validate and convert the JSONL files to ArrayRecord")
-    p.add_argument("dataset", choices=("kuaisearch",))
-    p.add_argument("--src", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--max-bad-fraction", type=float, default=0.0)
-    p.set_defaults(func=_prepare)
+    for name, dataset, source, func, text in (
+            ("build", "ecom_rf_immr", "--manifest", _build, "ECom-RF-IMMR: JSONL manifest + images -> ArrayRecord shards"),
+            ("prepare", "kuaisearch", "--src", _prepare, "KuaiSearch: validate and convert the JSONL files to ArrayRecord")):
+        p = data.add_parser(name, help=text)
+        p.add_argument("dataset", choices=(dataset,))
+        p.add_argument(source, required=True)
+        p.add_argument("--out", required=True)
+        p.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPUs)")
+        p.add_argument("--max-bad-fraction", type=float, default=0.0,
+                       help="skip and count bad records up to this fraction (default: the first one is an error)")
+        p.set_defaults(func=func)
 
     p = data.add_parser("tokenizer", help="train a sentencepiece model on text fields of JSONL files")
     p.add_argument("--corpus", nargs="+", required=True, help="JSONL files or KuaiSearch folders")
