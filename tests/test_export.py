@@ -190,7 +190,7 @@ def test_cli_reports_errors(trained, tmp_path, capsys):
 
 def test_task_without_corpus_is_refused():
     class NoCorpus:
-        pass
+        """A task with neither ``export_corpus`` nor an adapter."""
 
     with pytest.raises(ex.ExportError, match="no export corpus"):
         ex.export_corpus(NoCorpus(), "some_task")
