@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.end_lr_ratio = 0.0
     c.optimizer.weight_decay = 0.05
     c.optimizer.no_decay = "pos|logit_scale|embedding"  # regex over param paths; ndim<2 never decays
+    c.optimizer.frozen = ""            # regex over param paths: no update, no optimizer state (e.g. "^teacher/")
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-8

@@ -12,7 +12,7 @@ paper's scale: ViT-B/16 query and item towers at 224 px, a BERT-base text tower,
 
 import ml_collections
 
-from configs.common import base_config
+from configs.common import base_config, init_from_entry
 
 
 def _vit(patch: int, hidden: int, depth: int, heads: int, mlp: int) -> ml_collections.ConfigDict:
@@ -58,8 +58,12 @@ def get_config(arg: str = "tiny"):
     c.model.fusion_heads = heads
 
     # The frozen distillation teacher (not a parameter: rebuilt from the seed inside the step).
+    # With init_from.teacher.path (a Hugging Face ViT folder; sizes below must match it) or in_params=True,
+    # the teacher is instead a frozen `teacher` subtree of the parameters.
     c.teacher = ml_collections.ConfigDict({"seed": 1234, "hidden": width, "depth": depth, "heads": heads,
-                                           "mlp_dim": 4 * width})
+                                           "mlp_dim": 4 * width, "in_params": False})
+    c.init_from.teacher = init_from_entry("teacher")
+    c.optimizer.frozen = "^teacher/"
 
     c.loss = ml_collections.ConfigDict()
     c.loss.q2i = 1.0

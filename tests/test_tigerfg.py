@@ -116,3 +116,34 @@ def test_base_config_lowers_and_compiles_on_8_fake_devices(tmp_path):
         t0 = time.perf_counter()
         assert lowered.compile() is not None
         print(f"base compile on 8 fake CPU devices: {time.perf_counter() - t0:.1f}s")
+
+
+def test_a_pretrained_teacher_is_frozen_in_the_params(tmp_path):
+    """init_from.teacher loads a Hugging Face ViT into a frozen `teacher` subtree; training leaves it alone."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import jax
+
+    from trainers.checkpoints import Checkpointer
+    from trainers.loop import Trainer, train
+    from trainers.state import abstract_state
+
+    probe = load_test_config("configs/tigerfg.py:tiny")
+    t = probe.teacher
+    torch.manual_seed(0)
+    hf = transformers.ViTModel(transformers.ViTConfig(
+        image_size=probe.data.image_size, patch_size=probe.model.item_vit.patch_size, hidden_size=t.hidden,
+        num_hidden_layers=t.depth, num_attention_heads=t.heads, intermediate_size=t.mlp_dim, layer_norm_eps=1e-6))
+    hf.save_pretrained(tmp_path / "teacher", safe_serialization=True)
+    config = load_test_config("configs/tigerfg.py:tiny", "train.steps=2", f"init_from.teacher.path={tmp_path / 'teacher'}",
+                              "init_from.teacher.skip=pooler\\..*")
+    train(config, tmp_path / "run")
+    trainer = Trainer.create(config, tmp_path / "run")
+    tx, _ = trainer.optimizer()
+    state, _ = Checkpointer(tmp_path / "run" / "checkpoints").restore(
+        2, abstract_state(trainer.spec, tx, trainer.shardings(tx)))
+    from models.hf_import import load_hf
+
+    expected = load_hf(tmp_path / "teacher", skip=("pooler\\..*",)).params
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6), state.params["teacher"],
+                 expected)

@@ -43,6 +43,9 @@ def test_sharded_step_equals_single_device_step():
     kernel = state_8.params["image"]["blocks"][0]["up"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     assert kernel.addressable_shards[0].data.shape == (8, 32)
+    # the optimizer state follows its parameters (SGD momentum here)
+    moments = [x for x in jax.tree.leaves(state_8.opt_state) if getattr(x, "shape", None) == kernel.shape]
+    assert moments and all(m.sharding.spec == kernel.sharding.spec for m in moments)
 
 
 # --- a linear-regression task: per-example loss, so accumulation must equal the full batch ------------
@@ -183,3 +186,14 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     state, _ = ckpt.restore(last, abstract_state(trainer.spec, tx, trainer.shardings(tx)))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
     assert int(state.bad_step) == -1
+
+
+def test_frozen_parameters_get_no_update_and_no_optimizer_state():
+    config = regression_config(batch_size=32)
+    config.optimizer.frozen = "^dense/kernel$"
+    _, params, state = run_steps(config, 3)
+    _, initial, _ = run_steps(config, 0)
+    np.testing.assert_array_equal(params["dense"]["kernel"], initial["dense"]["kernel"])
+    assert not np.array_equal(params["dense"]["bias"], initial["dense"]["bias"])
+    moments = [leaf.shape for leaf in jax.tree.leaves(state.opt_state) if getattr(leaf, "ndim", 0) >= 1]
+    assert (8, 4) not in moments and (4,) in moments  # Adam keeps moments for the bias only

@@ -22,6 +22,17 @@ def make_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
+def _path(path) -> str:
+    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+
+def frozen_labels(params: Any, frozen: str) -> Any:
+    """``"frozen"`` for parameters whose ``a/b/c`` path matches the regex ``frozen``, else ``"train"``."""
+    pattern = re.compile(frozen) if frozen else None
+    return jax.tree.map_with_path(lambda path, _: "frozen" if pattern and pattern.search(_path(path)) else "train",
+                                  params)
+
+
 def decay_mask(params: Any, no_decay: str) -> Any:
     """True where weight decay applies: matrices and higher, except paths matching ``no_decay``.
 
@@ -31,8 +42,7 @@ def decay_mask(params: Any, no_decay: str) -> Any:
     pattern = re.compile(no_decay) if no_decay else None
 
     def keep(path, leaf) -> bool:
-        name = "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
-        return leaf.ndim >= 2 and not (pattern and pattern.search(name))
+        return leaf.ndim >= 2 and not (pattern and pattern.search(_path(path)))
 
     return jax.tree.map_with_path(keep, params)
 
@@ -52,4 +62,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> tuple[opta
         raise ValueError(f"optimizer.name must be adamw or sgd, got {opt.name!r}")
     clip = config.train.grad_clip_norm
     tx = optax.chain(optax.clip_by_global_norm(clip), core) if clip > 0 else core
+    if opt.get("frozen", ""):
+        # Frozen parameters (e.g. a distillation teacher) get no update and no optimizer state.
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                   frozen_labels(params, opt.frozen))
     return tx, schedule

@@ -71,9 +71,34 @@ def param_shardings(spec: ModelSpec, mesh: Mesh, rules: Rules) -> Any:
 def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules) -> TrainState:
     """Shardings of every leaf of the train state: optimizer moments follow their parameters."""
     p_sh = param_shardings(spec, mesh, rules)
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, spec.abstract_params), p_sh,
-                                   transform_non_params=lambda _: replicated(mesh))
+    opt_sh = _follow_params(jax.eval_shape(tx.init, spec.abstract_params), spec.abstract_params, p_sh,
+                            replicated(mesh))
     return TrainState(step=replicated(mesh), params=p_sh, opt_state=opt_sh, bad_step=replicated(mesh))
+
+
+def _keys(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+
+
+def _follow_params(opt_shapes: Any, params: Any, param_sh: Any, default: NamedSharding) -> Any:
+    """Shard each optimizer-state leaf like the parameter its key path ends with (same shape), else ``default``.
+
+    Works for any optax state (chains, ``masked``, ``multi_transform``): moments are trees shaped like
+    (a subset of) the parameters, nested under the transform's own keys.
+    """
+    by_path = {_keys(p): (leaf.shape, sh) for (p, leaf), sh in
+               zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_sh))}
+    depth = max(map(len, by_path), default=0)
+
+    def pick(path, leaf):
+        keys = _keys(path)
+        for n in range(min(depth, len(keys)), 0, -1):
+            shape, sharding = by_path.get(keys[-n:], (None, None))
+            if shape is not None and shape == leaf.shape:
+                return sharding
+        return default
+
+    return jax.tree.map_with_path(pick, opt_shapes)
 
 
 def abstract_state(spec: ModelSpec, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:

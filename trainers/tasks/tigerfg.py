@@ -14,10 +14,12 @@ switches a term off; terms a variant cannot compute, e.g. text terms for ``clip`
 * ``sdd``  KL(teacher || student) of in-batch query -> candidate similarity distributions, the
            teacher comparing the query with the *boxed target region* (privileged at training time).
 
-The teacher is a frozen ViT that is **not a parameter**: it is rebuilt inside the step from
+By default the teacher is a frozen ViT that is **not a parameter**: it is rebuilt inside the step from
 ``config.teacher.seed`` (XLA computes the weights from the seed; outputs are ``stop_gradient``-ed), so no
-optimizer can update it and checkpoints do not carry it. Without pretrained weights it is a random-feature
-teacher; with an imported checkpoint one would load it here instead.
+optimizer can update it and checkpoints do not carry it: a random-feature teacher. With
+``--set init_from.teacher.path=HF_VIT_FOLDER`` (or ``teacher.in_params=True``) the teacher is instead a
+``teacher`` subtree of the parameters, frozen by ``optimizer.frozen="^teacher/"`` (no update, no optimizer
+state), filled from the pretrained checkpoint when the run starts and carried by checkpoints.
 
 Negative text per example (batch keys ``neg_ids``, ``neg_mask``, ``neg_index``), added by this task's
 transform: with ``data.mosaic_grouping`` a training record on a mosaic canvas takes the text of another
@@ -50,7 +52,7 @@ from flax import nnx
 from data_pipelines.ecom_rf_immr import schema
 from models.text_encoder import TextEncoderConfig, l2_normalize, mean_pool
 from models.tigerfg import TigerFGConfig, box_patch_mask, build_model, teacher_vit
-from models.vit import ViTConfig
+from models.vit import ViT, ViTConfig
 from trainers.tasks import Batch, EvalContext, Metrics, Task, Tower, register
 from trainers.tigerfg_losses import i2v_loss, q2i_loss, sdd_loss, srd_loss, v2t_loss
 
@@ -184,8 +186,19 @@ class TigerFGTask(Task):
         return ViTConfig(image_size=item.image_size, patch_size=item.patch_size, hidden=t.hidden, depth=t.depth,
                          heads=t.heads, mlp_dim=t.mlp_dim)
 
+    @property
+    def teacher_in_params(self) -> bool:
+        """The teacher is a frozen ``teacher`` subtree of the parameters (loadable with ``init_from.teacher``)."""
+        imported = self.config.get("init_from", {}).get("teacher", {}).get("path", "")
+        return bool(self.config.teacher.get("in_params", False) or imported)
+
     def build_model(self, rngs: nnx.Rngs):
-        return build_model(self.model_config(), rngs=rngs, dtype=jnp.dtype(self.config.train.compute_dtype))
+        dtype = jnp.dtype(self.config.train.compute_dtype)
+        model = build_model(self.model_config(), rngs=rngs, dtype=dtype)
+        if self.teacher_in_params:
+            # frozen by the config's optimizer.frozen="^teacher/" (no update, no optimizer state)
+            model.teacher = ViT(self.teacher_config(), rngs=rngs, dtype=dtype)
+        return model
 
     # loss -------------------------------------------------------------------------------------------
 
@@ -210,7 +223,8 @@ class TigerFGTask(Task):
             if w.i2v:
                 terms["i2v"] = i2v_loss(item, region, scale, valid, hard=hard)
         if w.srd or w.sdd:
-            teacher = teacher_vit(self.teacher_config(), self.config.teacher.seed, dtype=q.dtype)
+            teacher = (model.teacher if self.teacher_in_params
+                       else teacher_vit(self.teacher_config(), self.config.teacher.seed, dtype=q.dtype))
             t_tokens = jax.lax.stop_gradient(teacher(batch["item_image"]))
             t_patches = teacher.patch_tokens(t_tokens)
             box_mask = box_patch_mask(box, self.teacher_config().grid)
