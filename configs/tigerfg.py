@@ -80,6 +80,7 @@ def get_config(arg: str = "tiny"):
     c.data.query_crop_scale = (0.6, 1.0)
     c.data.mosaic_training = True      # keep the mosaic-canvas training pairs ("w/o Mosaic": False)
     c.data.mosaic_grouping = True      # negative text from another target of the same canvas
+    c.data.mosaic_batches = False      # put the items of one canvas in the same global batch (no index shuffle)
     c.data.eval_split = "test"
     c.data.eval_batch_size = 256 if base else 128
     # Synthetic ECom-RF-IMMR (built once into the ecomax cache); data_dir/tokenizer name real data instead.

@@ -147,3 +147,22 @@ def test_a_pretrained_teacher_is_frozen_in_the_params(tmp_path):
     expected = load_hf(tmp_path / "teacher", skip=("pooler\\..*",)).params
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6), state.params["teacher"],
                  expected)
+
+
+def test_mosaic_batches_put_the_items_of_one_canvas_in_one_global_batch(tmp_path):
+    from trainers.loop import Trainer
+
+    config = load_test_config("configs/tigerfg.py:tiny", "data.mosaic_batches=True", "train.batch_size=16")
+    trainer = Trainer.create(config, tmp_path)
+    source, _ = trainer.task.train_source()
+    assert trainer.task.shuffle is False
+    groups = [source.source[source.order(i)].get("mosaic_id", "") for i in range(48)]  # 3 global batches
+    canvases = {}
+    for position, group in enumerate(groups):
+        if group:
+            canvases.setdefault(group, set()).add(position // 16)
+    assert canvases and all(len(batches) == 1 for batches in canvases.values())
+    assert max(sum(1 for g in groups[b * 16:(b + 1) * 16] if g == c) for c in canvases for b in range(3)) >= 2
+    batch = next(iter(trainer.data()))
+    first = [source[i]["item_index"] for i in range(16)]
+    np.testing.assert_array_equal(batch["item_index"], first)

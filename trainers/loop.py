@@ -129,7 +129,7 @@ class Trainer:
         source, transform = self.task.train_source()
         d = self.config.data
         return process_batches(source, global_batch_size=self.config.train.batch_size, seed=self.config.seed,
-                               transform=transform, process_index=jax.process_index(),
+                               transform=transform, shuffle=self.task.shuffle, process_index=jax.process_index(),
                                process_count=jax.process_count(), read_threads=d.get("read_threads", 4),
                                prefetch=d.get("prefetch", 16), worker_count=d.get("worker_count", 0))
 

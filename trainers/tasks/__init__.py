@@ -44,6 +44,10 @@ class Tower:
 class Task(abc.ABC):
     """Base class of every task. Subclasses are registered with ``@register("name")``."""
 
+    # False when ``train_source()`` already returns examples in training order (e.g. grouped into batches);
+    # the loader then cuts global batches in source order instead of shuffling by index.
+    shuffle: bool = True
+
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         # The trainer asks more than once (shapes, pipeline); sources may be costly to open or generate.

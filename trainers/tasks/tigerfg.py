@@ -24,8 +24,9 @@ state), filled from the pretrained checkpoint when the run starts and carried by
 Negative text per example (batch keys ``neg_ids``, ``neg_mask``, ``neg_index``), added by this task's
 transform: with ``data.mosaic_grouping`` a training record on a mosaic canvas takes the text of another
 target of the same canvas (a product of another category: the text must select the target, the grouping's
-purpose); other records take the text of a random other training record. The trainer's loader shuffles
-globally, so grouping is done per example here rather than by batch order (``MosaicGroupedSource``).
+purpose); other records take the text of a random other training record. With ``data.mosaic_batches`` the
+training order itself is mosaic-grouped (``MosaicGroupedSource``: the items of one canvas share a global
+batch, as the paper trains) and the loader's index shuffle is turned off (``Task.shuffle``).
 ``data.mosaic_training=False`` drops the mosaic-canvas training records (the paper's "w/o Mosaic" setting).
 
 Data: ``train_source`` synthesises ECom-RF-IMMR once per parameter set (``data_pipelines.cache``:
@@ -50,6 +51,7 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines.ecom_rf_immr import schema
+from data_pipelines.ecom_rf_immr.pipeline import MosaicGroupedSource
 from models.text_encoder import TextEncoderConfig, l2_normalize, mean_pool
 from models.tigerfg import TigerFGConfig, box_patch_mask, build_model, teacher_vit
 from models.vit import ViT, ViTConfig
@@ -287,7 +289,16 @@ class TigerFGTask(Task):
         transform = NegativeTextTransform(self.transform(train=True), src, groups, item_index,
                                           mosaic_grouping=d.mosaic_grouping, tokenizer=self.tokenizer,
                                           max_text_len=d.max_text_len)
-        return _Indexed(src, keep), transform
+        source = _Indexed(src, keep)
+        if d.get("mosaic_batches", False):
+            # The paper's Mosaic training: the items of one canvas land in the same global batch, so each
+            # is the others' hard negative. The grouped order replaces the loader's index shuffle.
+            b = self.config.train.batch_size
+            epochs = -(-self.config.train.steps * b // max(len(keep) // b * b, 1)) + 1
+            source = MosaicGroupedSource(source, block_size=b, seed=self.config.seed, num_epochs=epochs,
+                                         group_ids=groups[keep])
+            self.shuffle = False
+        return source, transform
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         """Shapes of a global batch from the config alone (no data needed to compile)."""
