@@ -197,3 +197,15 @@ def test_frozen_parameters_get_no_update_and_no_optimizer_state():
     assert not np.array_equal(params["dense"]["bias"], initial["dense"]["bias"])
     moments = [leaf.shape for leaf in jax.tree.leaves(state.opt_state) if getattr(leaf, "ndim", 0) >= 1]
     assert (8, 4) not in moments and (4,) in moments  # Adam keeps moments for the bias only
+
+
+def test_repeated_evaluations_reuse_the_compiled_embedding_functions(tmp_path):
+    config = load_test_config("configs/two_tower.py:tiny", "train.batch_size=16", "data.num_eval=64")
+    trainer = Trainer.create(config, tmp_path)
+    _, tx, shardings = trainer.compiled_step()
+    state = init_state(trainer.task.build_model, config.seed, tx, shardings)
+    metrics = lambda step: {k: v for k, v in trainer.evaluate(state, step).items() if not k.endswith("_s")}  # noqa: E731
+    first = metrics(1)
+    compiled = dict(trainer._eval_compiled)
+    assert compiled and metrics(2) == first
+    assert trainer._eval_compiled == compiled  # same jitted functions, no new entries

@@ -82,6 +82,7 @@ class Trainer:
     task: Task
     spec: ModelSpec
     mesh: jax.sharding.Mesh
+    _eval_compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
     def create(cls, config: ml_collections.ConfigDict, workdir: pathlib.Path | str,
@@ -140,7 +141,7 @@ class Trainer:
         return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in local.items()}
 
     def evaluate(self, state: TrainState, step: int) -> dict[str, float]:
-        ctx = EvalContext(self.spec.graphdef, state.params, self.mesh, step, self.workdir)
+        ctx = EvalContext(self.spec.graphdef, state.params, self.mesh, step, self.workdir, self._eval_compiled)
         results = self.task.evaluate(ctx)
         return {k: float(v) for k, v in results.items() if isinstance(v, (int, float, np.number))}
 

@@ -89,7 +89,9 @@ class EvalContext:
     mesh: Mesh
     step: int
     workdir: pathlib.Path
-    _compiled: dict = dataclasses.field(default_factory=dict)
+    # fn -> its jitted form; the trainer passes one dict to every evaluation, so repeated evaluations
+    # (train.eval_every) reuse the compiled embedding functions instead of tracing them again.
+    compiled: dict = dataclasses.field(default_factory=dict)
 
     @property
     def model(self) -> nnx.Module:
@@ -106,9 +108,10 @@ class EvalContext:
         arrays = [np.concatenate([a, np.repeat(a[-1:], pad, 0)]) if pad else a for a in arrays]
         sharded = [jax.make_array_from_callback(a.shape, NamedSharding(self.mesh, P(BATCH_AXES)),
                                                 lambda idx, a=a: a[idx]) for a in arrays]
-        if fn not in self._compiled:
-            self._compiled[fn] = jax.jit(lambda params, *xs: fn(nnx.merge(self.graphdef, params), *xs))
-        out = self._compiled[fn](self.params, *sharded)
+        if fn not in self.compiled:
+            graphdef = self.graphdef
+            self.compiled[fn] = jax.jit(lambda params, *xs: fn(nnx.merge(graphdef, params), *xs))
+        out = self.compiled[fn](self.params, *sharded)
         return jax.tree.map(lambda x: to_host(x)[:n], out)
 
 
