@@ -34,7 +34,8 @@ from trainers.state import init_state  # noqa: E402
 
 def bare_step_time(config, steps: int) -> float:
     trainer = Trainer.create(config, "/nonexistent")
-    step_fn, tx, shardings = trainer.compiled_step()
+    step = trainer.compiled_step()
+    step_fn, tx, shardings = step.fn, step.tx, step.shardings
     state = init_state(trainer.task.build_model, config.seed, tx, shardings)
     batch = trainer.global_batch(next(iter(trainer.data())), trainer.batch_shardings())
     for _ in range(10):  # compile and warm up

@@ -68,7 +68,8 @@ def train_variant(config, workdir: pathlib.Path, *, heatmap_items: int = 4) -> R
     from trainers.tasks.tigerfg import slot_heatmaps
 
     trainer = Trainer.create(config, workdir)
-    step_fn, tx, shardings = trainer.compiled_step()
+    step = trainer.compiled_step()
+    step_fn, tx, shardings = step.fn, step.tx, step.shardings
     state = init_state(trainer.task.build_model, config.seed, tx, shardings)
     batches, batch_sh = iter(trainer.data()), trainer.batch_shardings()
     t0, loss = time.perf_counter(), float("nan")

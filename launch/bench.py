@@ -228,7 +228,7 @@ def compile_report(config: Any, devices: list | None = None) -> tuple[Any, Any, 
     }
     from trainers import flops
 
-    forward = flops.task_forward_flops(trainer.task, config.task, config.train.batch_size)
+    forward = trainer.task.forward_flops(config.train.batch_size)
     report["model_flops_per_step"] = flops.train_flops(forward) if forward is not None else None
     report["model_forward_flops"] = dict(forward) if forward is not None else None
     return trainer, compiled, report
@@ -239,13 +239,11 @@ def run_bench(config: Any, *, steps: int = 20, warmup: int = 3, pipeline_batches
     """Compile, then time ``steps`` train steps after ``warmup``; the measurements as a dict (see module doc)."""
     import jax
 
-    from trainers.state import init_state
-
     if steps < 1 or warmup < 0:
         raise BenchError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     trainer, compiled, report = compile_report(config, devices)
     tx, _ = trainer.optimizer()
-    state = init_state(trainer.task.build_model, config.seed, tx, trainer.shardings(tx))
+    state = trainer.init_state(tx, trainer.shardings(tx))
     batch_sh = trainer.batch_shardings()
 
     report["input_pipeline"] = pipeline_throughput(trainer, pipeline_batches or max(steps, 10))

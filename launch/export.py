@@ -47,9 +47,9 @@ Formats
 ``scann``
     ``index/``: a ScaNN index (``trainers.evaluators.retrieval.RetrievalIndex``: the searcher, the id map,
     ``index_params.json`` with the build parameters) of the *item* embeddings of a corpus, restored with
-    ``load_index(out)``. The corpus comes from the task's ``export_corpus(name, size)`` when it has
-    one, else from an adapter in ``CORPUS_ADAPTERS`` here (two-tower: the ``eval`` images of the task's
-    held-out source, ``--corpus-size`` of them, ids 0..n-1, embedded by the ``image`` tower). ``--ann``
+    ``load_index(out)``. The corpus comes from the task's ``Task.export_corpus(name, size)`` (two-tower:
+    the ``eval`` images of the task's held-out source, ``--corpus-size`` of them, ids 0..n-1, embedded by
+    the ``image`` tower). ``--ann``
     follows the evaluator: ``auto`` (ScaNN brute force below 20k items, a tree above), ``scann`` (a tree
     from 1000 items), ``exact``.
 """
@@ -64,8 +64,11 @@ import pathlib
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainers.tasks import Corpus
 
 import numpy as np
 
@@ -233,10 +236,10 @@ def prepare_out(out: pathlib.Path, artifacts: Sequence[str], force: bool) -> Non
 def _manifest(trained: Trained, fmt: str, dtype: str | None, **extra: Any) -> dict[str, Any]:
     import jax
 
-    model_config = None
-    if hasattr(trained.task, "model_config"):
+    model_config = trained.task.model_config()
+    if model_config is not None:
         try:
-            model_config = dataclasses.asdict(trained.task.model_config())
+            model_config = dataclasses.asdict(model_config)
         except TypeError:
             model_config = None
     return {"format": EXPORT_FORMAT, "kind": fmt, "task": trained.config.task, "step": trained.step,
@@ -369,50 +372,13 @@ def export_stablehlo(trained: Trained, out: pathlib.Path, dtype: str | None,
 # --- scann: the corpus hook -------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Corpus:
-    """Items to index: ``tower`` names the ``Task.towers()`` entry that embeds them; ``batches`` yields
-    ``(ids [n], inputs)`` with ``inputs`` a tuple of arrays in the tower's input order."""
-
-    tower: str
-    batches: Iterable[tuple[np.ndarray, tuple[np.ndarray, ...]]]
-    description: dict[str, Any]
-
-
-def _two_tower_corpus(task: Any, name: str, size: int | None) -> Corpus:
-    """The two-tower gallery: images of the task's held-out source (the one ``evaluate`` searches)."""
-    from data_pipelines import shapes
-
-    if name != "eval":
-        raise ExportError(f"two_tower has one export corpus, 'eval' (the held-out images); got --corpus {name!r}")
-    d = task.config.data
-    n = int(size or d.num_eval)
-    seed = task.config.seed + 10_007  # the held-out world of TwoTowerTask.evaluate
-    source = shapes.ShapesSource(n, d.image_size, d.max_words, seed=seed)
-
-    def batches() -> Iterator[tuple[np.ndarray, tuple[np.ndarray, ...]]]:
-        bs = int(d.eval_batch_size)
-        for start in range(0, n, bs):
-            idx = range(start, min(n, start + bs))
-            images = np.stack([source[i]["image"] for i in idx])  # uint8: the tower normalises
-            yield np.arange(idx.start, idx.stop, dtype=np.int64), (images,)
-
-    return Corpus("image", batches(), {"name": name, "size": n, "source": "ShapesSource", "seed": seed,
-                                       "ids": "example index in the source"})
-
-
-# task name -> fn(task, corpus name, size or None) -> Corpus, for tasks without an ``export_corpus`` method.
-CORPUS_ADAPTERS: dict[str, Callable[[Any, str, int | None], Corpus]] = {"two_tower": _two_tower_corpus}
-
-
 def export_corpus(task: Any, task_name: str, name: str = "eval", size: int | None = None) -> Corpus:
-    """The task's corpus to index: ``task.export_corpus(name, size)`` if it has one, else an adapter."""
-    if hasattr(task, "export_corpus"):
-        return task.export_corpus(name, size)
-    if task_name in CORPUS_ADAPTERS:
-        return CORPUS_ADAPTERS[task_name](task, name, size)
-    raise ExportError(f"task {task_name!r} has no export corpus: give it an export_corpus(name, size) -> "
-                      "launch.export.Corpus method, or register an adapter in launch.export.CORPUS_ADAPTERS")
+    """The task's corpus to index (``Task.export_corpus``)."""
+    corpus = task.export_corpus(name, size)
+    if corpus is None:
+        raise ExportError(f"task {task_name!r} has no export corpus: give it Task.export_corpus(name, size) -> "
+                          "trainers.tasks.Corpus")
+    return corpus
 
 
 def embed_corpus(trained: Trained, corpus: Corpus, dtype: str | None = None) -> tuple[np.ndarray, np.ndarray]:

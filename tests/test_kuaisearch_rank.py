@@ -197,7 +197,8 @@ def test_every_model_trains_a_few_steps(name):
     mesh = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2") if name == "dnn" else ()
     config = load_test_config(TINY, *SMALL, f"model.name={name}", *mesh)
     trainer = Trainer.create(config, "/tmp/unused")
-    step_fn, tx, shardings = trainer.compiled_step()
+    step = trainer.compiled_step()
+    step_fn, tx, shardings = step.fn, step.tx, step.shardings
     state = init_state(trainer.task.build_model, config.seed, tx, shardings)
     data = iter(trainer.data())
     losses = []

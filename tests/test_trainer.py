@@ -18,7 +18,8 @@ from trainers.state import abstract_state, init_state
 
 def run_steps(config, n: int, devices=None) -> tuple[list[float], dict]:
     trainer = Trainer.create(config, "/tmp/unused", devices)
-    step_fn, tx, shardings = trainer.compiled_step()
+    step = trainer.compiled_step()
+    step_fn, tx, shardings = step.fn, step.tx, step.shardings
 
     state = init_state(trainer.task.build_model, config.seed, tx, shardings)
     data = iter(trainer.data())
@@ -202,7 +203,8 @@ def test_frozen_parameters_get_no_update_and_no_optimizer_state():
 def test_repeated_evaluations_reuse_the_compiled_embedding_functions(tmp_path):
     config = load_test_config("configs/two_tower.py:tiny", "train.batch_size=16", "data.num_eval=64")
     trainer = Trainer.create(config, tmp_path)
-    _, tx, shardings = trainer.compiled_step()
+    step = trainer.compiled_step()
+    tx, shardings = step.tx, step.shardings
     state = init_state(trainer.task.build_model, config.seed, tx, shardings)
     metrics = lambda step: {k: v for k, v in trainer.evaluate(state, step).items() if not k.endswith("_s")}  # noqa: E731
     first = metrics(1)

@@ -145,25 +145,3 @@ def text_encoder_forward(cfg: Any, batch: int, seq_len: int, pooler: bool = Fals
 def train_flops(forward: Mapping[str, float] | float) -> float:
     """Forward matmul FLOPs x 3: forward + backward of one train step."""
     return 3.0 * (sum(forward.values()) if isinstance(forward, Mapping) else float(forward))
-
-
-# --- per task ---------------------------------------------------------------------------------------
-
-
-def _two_tower_task(task: Any, batch: int) -> dict[str, float]:
-    return two_tower_forward(task.model_config(), batch)
-
-
-# task name -> forward FLOPs of one global batch. A task may instead define ``forward_flops(batch_size)``.
-TASK_FLOPS: dict[str, Callable[[Any, int], Mapping[str, float]]] = {
-    "two_tower": _two_tower_task,
-}
-
-
-def task_forward_flops(task: Any, task_name: str, batch: int) -> Mapping[str, float] | None:
-    """Forward matmul FLOPs of one global batch of a task, or None when no count is known for it."""
-    if hasattr(task, "forward_flops"):
-        return task.forward_flops(batch)
-    if task_name in TASK_FLOPS:
-        return TASK_FLOPS[task_name](task, batch)
-    return None

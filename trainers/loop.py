@@ -8,13 +8,14 @@ and return with ``status="interrupted"``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -28,8 +29,8 @@ from trainers.mesh import batch_sharding, make_mesh, parse_rules
 from trainers.metrics_writer import MetricsWriter
 from trainers.optimizer import make_optimizer
 from trainers.state import ModelSpec, TrainState, abstract_state, init_state, model_spec, state_shardings
-from trainers.step import jit_train_step, make_train_step
-from trainers.tasks import EvalContext, Task, get_task
+from trainers.step import UpdateContext, jit_train_step, make_rollout, make_update
+from trainers.tasks import EvalContext, Task, get_task, to_host
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,50 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+class _NoData:
+    """The data iterator of a task without a training source: every step's data batch is ``{}``."""
+
+    def __iter__(self) -> _NoData:
+        return self
+
+    def __next__(self) -> dict:
+        return {}
+
+    def get_state(self) -> dict:
+        return {}
+
+    def set_state(self, state: dict) -> None:
+        pass
+
+
+@dataclasses.dataclass
+class Step:
+    """The compiled step of a run: ``(state, batch) -> (state, metrics)``, with what it needs around it.
+
+    A task with a host function (``Task.score``) runs as two jitted calls with the host in between:
+    ``rollout(state, batch)``, then ``update(state, scored batch)``; every other task as one (``fn``).
+    """
+
+    fn: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    tx: Any
+    shardings: TrainState
+    batch_shardings: dict
+
+
+@dataclasses.dataclass
+class RunState:
+    """What the loop carries from step to step."""
+
+    state: TrainState
+    step: int  # steps done
+    last_saved: int | None  # step of the newest checkpoint on disk, None before the first
+    logged: dict[str, float] = dataclasses.field(default_factory=dict)
+    evaluated: dict[str, float] = dataclasses.field(default_factory=dict)
+    t_last: float = dataclasses.field(default_factory=time.perf_counter)
+    step_last: int = 0  # the step at t_last
+    pause: float = 0.0  # seconds spent evaluating since t_last: not training time
+
+
 @dataclasses.dataclass
 class Trainer:
     """Everything a run needs, built from the config; ``run()`` trains."""
@@ -103,31 +148,57 @@ class Trainer:
         return make_optimizer(self.config, self.spec.abstract_params)
 
     def shardings(self, tx) -> TrainState:
-        return state_shardings(self.spec, tx, self.mesh, self.rules)
+        return state_shardings(self.spec, tx, self.mesh, self.rules, self.task.init_extra)
 
     def batch_shardings(self) -> dict:
         return {k: batch_sharding(self.mesh, len(v.shape))
                 for k, v in self.task.batch_spec(self.config.train.batch_size).items()}
 
-    def compiled_step(self):
-        """The jitted train step, the optimizer's schedule and the state shardings."""
+    def update_context(self, tx, schedule) -> UpdateContext:
+        t = self.config.train
+        return UpdateContext(self.spec.graphdef, tx, schedule, self.mesh, self.task.loss, t.microbatches,
+                             t.compute_dtype)
+
+    def compiled_step(self) -> Step:
+        """The jitted train step (rollout, task update or gradient step, as the task declares)."""
         tx, schedule = self.optimizer()
-        shardings = self.shardings(tx)
-        step = make_train_step(self.task.loss, self.spec.graphdef, tx, schedule, mesh=self.mesh, rules=self.rules,
-                               seed=self.config.seed, microbatches=self.config.train.microbatches,
-                               compute_dtype=self.config.train.compute_dtype)
-        return jit_train_step(step, shardings, self.batch_shardings(), self.mesh), tx, shardings
+        shardings, batch_sh = self.shardings(tx), self.batch_shardings()
+        task, ctx = self.task, self.update_context(tx, schedule)
+        common = dict(seed=self.config.seed, mesh=self.mesh, rules=self.rules)
+        update = make_update(functools.partial(task.update, ctx), updates=task.updates_per_rollout,
+                             check_state=task.overrides("update"), **common)
+        if not task.overrides("rollout"):
+            return Step(jit_train_step(update, shardings, batch_sh, self.mesh), tx, shardings, batch_sh)
+        rollout = make_rollout(functools.partial(task.rollout, ctx), **common)
+        if not task.overrides("score"):
+            return Step(jit_train_step(lambda state, batch: update(state, rollout(state, batch)), shardings, batch_sh,
+                                       self.mesh), tx, shardings, batch_sh)
+        return Step(_HostScoredStep(task, rollout, update, shardings, batch_sh, self.mesh), tx, shardings, batch_sh)
 
     def lower(self) -> jax.stages.Lowered:
         """The train step lowered for abstract state and batch: compiles paper-scale configs without memory."""
-        step_fn, tx, shardings = self.compiled_step()
-        batch_sh = self.batch_shardings()
-        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k])
+        step = self.compiled_step()
+        if isinstance(step.fn, _HostScoredStep):
+            raise ValueError("a task with a host function (Task.score) compiles in two parts; lower those")
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=step.batch_shardings[k])
                  for k, v in self.task.batch_spec(self.config.train.batch_size).items()}
-        return step_fn.lower(abstract_state(self.spec, tx, shardings), batch)
+        return step.fn.lower(self.abstract_state(step), batch)
+
+    def abstract_state(self, step: Step) -> TrainState:
+        return abstract_state(self.spec, step.tx, step.shardings, self.task.init_extra)
+
+    def init_state(self, tx, shardings: TrainState) -> TrainState:
+        """A fresh state, born sharded (``init_from`` entries applied)."""
+        state = init_state(self.task.build_model, self.config.seed, tx, shardings, self.task.init_extra)
+        if any(entry.path for entry in self.config.get("init_from", {}).values()):
+            state = state.replace(params=apply_init_from(state.params, shardings.params, self.config.init_from))
+        return state
 
     def data(self):
-        source, transform = self.task.train_source()
+        found = self.task.train_source()
+        if found is None:
+            return _NoData()
+        source, transform = found
         d = self.config.data
         return process_batches(source, global_batch_size=self.config.train.batch_size, seed=self.config.seed,
                                transform=transform, shuffle=self.task.shuffle, process_index=jax.process_index(),
@@ -135,13 +206,11 @@ class Trainer:
                                prefetch=d.get("prefetch", 16), worker_count=d.get("worker_count", 0))
 
     def global_batch(self, local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:
-        """This process's rows -> global arrays (one batched transfer when there is one process)."""
-        if jax.process_count() == 1:
-            return jax.device_put(local, {k: shardings[k] for k in local})
-        return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in local.items()}
+        return global_batch(local, shardings)
 
     def evaluate(self, state: TrainState, step: int) -> dict[str, float]:
-        ctx = EvalContext(self.spec.graphdef, state.params, self.mesh, step, self.workdir, self._eval_compiled)
+        ctx = EvalContext(self.spec.graphdef, state.params, self.mesh, step, self.workdir, self._eval_compiled,
+                          state.extra)
         results = self.task.evaluate(ctx)
         return {k: float(v) for k, v in results.items() if isinstance(v, (int, float, np.number))}
 
@@ -153,79 +222,111 @@ class Trainer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if primary:
             (self.workdir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2, default=str))
-        step_fn, tx, shardings = self.compiled_step()
-        batch_sh = self.batch_shardings()
+        step = self.compiled_step()
         data_iter = iter(self.data())
         ckpt = Checkpointer(self.workdir / "checkpoints", keep=cfg.keep_checkpoints,
                             use_async=cfg.get("async_checkpoints", True))
-        fingerprint = config_fingerprint(self.config)
-        state, last_saved = self._restore_or_init(ckpt, tx, shardings, data_iter, fingerprint)
-        start = int(jax.device_get(state.step))
-        writer = MetricsWriter(self.workdir, total_steps=cfg.steps, initial_step=start, enabled=primary)
+        run = self._restore_or_init(ckpt, step, data_iter)
+        writer = MetricsWriter(self.workdir, total_steps=cfg.steps, initial_step=run.step, enabled=primary)
         writer.message(f"ecomax: task {self.config.task}, {self.spec.num_params:,} parameters, mesh "
-                       f"{dict(self.mesh.shape)}, {'resuming at step ' + str(start) if start else 'from scratch'}")
-        result = TrainResult("completed", start, {}, {})
+                       f"{dict(self.mesh.shape)}, {'resuming at step ' + str(run.step) if run.step else 'from scratch'}")
         try:
             with _StopFlag() as stop:
-                state, result = self._loop(state, step_fn, data_iter, batch_sh, ckpt, writer, stop, start,
-                                           last_saved, fingerprint)
+                return self._loop(run, step, data_iter, ckpt, writer, stop)
         finally:
             ckpt.close()
             writer.close()
-        return result
 
-    def _restore_or_init(self, ckpt: Checkpointer, tx, shardings: TrainState, data_iter: Iterator,
-                         fingerprint: str) -> tuple[TrainState, int | None]:
-        restored = ckpt.restore_latest(abstract_state(self.spec, tx, shardings), data_iter)
+    def _meta(self, step: int) -> dict[str, Any]:
+        return {"step": step, "config_hash": config_fingerprint(self.config), "task_host": self.task.host_state()}
+
+    def _restore_or_init(self, ckpt: Checkpointer, step: Step, data_iter: Iterator) -> RunState:
+        restored = ckpt.restore_latest(self.abstract_state(step), data_iter)
         if restored is None:
-            state = init_state(self.task.build_model, self.config.seed, tx, shardings)
-            if any(entry.path for entry in self.config.get("init_from", {}).values()):
-                state = state.replace(params=apply_init_from(state.params, shardings.params, self.config.init_from))
-            return state, None
+            return RunState(self.init_state(step.tx, step.shardings), 0, None)
         state, meta = restored
+        fingerprint = config_fingerprint(self.config)
         if meta.get("config_hash") != fingerprint:
             log.warning("resuming from a checkpoint written with another config (hash %s, now %s)",
                         meta.get("config_hash"), fingerprint)
-        return state, int(meta["step"])
+        self.task.load_host_state(meta.get("task_host") or {})
+        done = int(meta["step"])
+        return RunState(state, done, done, step_last=done)
 
-    def _loop(self, state, step_fn, data_iter, batch_sh, ckpt, writer, stop, start, last_saved, fingerprint):
+    def _loop(self, run: RunState, step: Step, data_iter, ckpt: Checkpointer, writer: MetricsWriter,
+              stop: _StopFlag) -> TrainResult:
         cfg = self.config.train
-        logged: dict[str, float] = {}
-        evaluated: dict[str, float] = {}
-        t_last, step_last, pause = time.perf_counter(), start, 0.0
-        done = start
         last = min(cfg.steps, cfg.stop_after) if cfg.get("stop_after", 0) > 0 else cfg.steps
-        for done in range(start + 1, last + 1):
-            state, metrics = step_fn(state, self.global_batch(next(data_iter), batch_sh))
+        while run.step < last:
+            run.state, metrics = step.fn(run.state, self.global_batch(next(data_iter), step.batch_shardings))
+            run.step += 1
             writer.advance()
-            final = done == last
-            if done % cfg.log_every == 0 or final:
-                logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                self._check_finite(int(logged.pop("bad_step")), last_saved)
-                now = time.perf_counter()
-                seconds = max(now - t_last - pause, 1e-9)  # evaluation time is not training time
-                logged["examples_per_sec"] = (done - step_last) * cfg.batch_size / seconds
-                logged["step_time"] = seconds / (done - step_last)
-                writer.write(done, logged)
-                t_last, step_last, pause = now, done, 0.0
-            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+            final = run.step == last
+            if run.step % cfg.log_every == 0 or final:
+                self._log(run, metrics, writer)
+            if (cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == cfg.steps:
                 t0 = time.perf_counter()
-                evaluated = self.evaluate(state, done)
-                writer.write(done, evaluated, prefix="eval/")
-                pause += time.perf_counter() - t0
-            if done % cfg.checkpoint_every == 0 or final or stop.signum is not None:
-                self._check_finite(int(jax.device_get(state.bad_step)), last_saved)
-                ckpt.save(done, state, data_iter, {"step": done, "config_hash": fingerprint})
-                last_saved = done
+                run.evaluated = self.evaluate(run.state, run.step)
+                writer.write(run.step, run.evaluated, prefix="eval/")
+                run.pause += time.perf_counter() - t0
+            if run.step % cfg.checkpoint_every == 0 or final or stop.signum is not None:
+                self._check_finite(int(jax.device_get(run.state.bad_step)), run.last_saved)
+                ckpt.save(run.step, run.state, data_iter, self._meta(run.step))
+                run.last_saved = run.step
             if stop.signum is not None:
-                writer.message(f"ecomax: {signal.Signals(stop.signum).name} received: saved step {done}, stopping")
-                return state, TrainResult("interrupted", done, logged, evaluated)
-        return state, TrainResult("completed" if done == cfg.steps else "stopped", done, logged, evaluated)
+                writer.message(f"ecomax: {signal.Signals(stop.signum).name} received: saved step {run.step}, stopping")
+                return TrainResult("interrupted", run.step, run.logged, run.evaluated)
+        return TrainResult("completed" if run.step == cfg.steps else "stopped", run.step, run.logged, run.evaluated)
+
+    def _log(self, run: RunState, metrics: dict, writer: MetricsWriter) -> None:
+        logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self._check_finite(int(logged.pop("bad_step")), run.last_saved)
+        now = time.perf_counter()
+        seconds = max(now - run.t_last - run.pause, 1e-9)
+        logged["examples_per_sec"] = (run.step - run.step_last) * self.config.train.batch_size / seconds
+        logged["step_time"] = seconds / (run.step - run.step_last)
+        writer.write(run.step, logged)
+        run.logged, run.t_last, run.step_last, run.pause = logged, now, run.step, 0.0
 
     @staticmethod
     def _check_finite(bad_step: int, last_saved: int | None) -> None:
         if bad_step >= 0:
             raise NonFiniteLossError(bad_step + 1, last_saved)
+
+
+def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays (one batched transfer when there is one process)."""
+    if jax.process_count() == 1:
+        return jax.device_put(local, {k: shardings[k] for k in local})
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in local.items()}
+
+
+class _HostScoredStep:
+    """Rollout (jitted) -> ``Task.score`` on the host -> updates (jitted): one train step of a task with a host
+    function. The update is compiled at the first call, when the scored batch's shapes are known."""
+
+    def __init__(self, task: Task, rollout: Callable, update: Callable, shardings: TrainState, batch_sh: dict,
+                 mesh: jax.sharding.Mesh):
+        self.task, self.update, self.shardings, self.mesh = task, update, shardings, mesh
+        self.rollout = jax.jit(rollout, in_shardings=(shardings, batch_sh))
+        self._update: Callable | None = None
+
+    def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        made = self.rollout(state, batch)
+        host = {k: to_host(v) for k, v in made.items()}
+        scored = self.task.score(host, int(jax.device_get(state.step)))
+        scored_sh = {k: batch_sharding(self.mesh, np.ndim(v)) for k, v in scored.items()}
+        if self._update is None:
+            self._update = jit_train_step(self.update, self.shardings, scored_sh, self.mesh)
+        return self._update(state, global_batch(_local_rows(scored), scored_sh))
+
+
+def _local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's rows of a host batch that every process holds whole."""
+    if jax.process_count() == 1:
+        return batch
+    n = jax.process_count()
+    return {k: np.array_split(np.asarray(v), n)[jax.process_index()] for k, v in batch.items()}
 
 
 def train(config: ml_collections.ConfigDict, workdir: pathlib.Path | str) -> TrainResult:

@@ -14,7 +14,8 @@ from data_pipelines import shapes
 from data_pipelines.loader import InMemorySource, eval_batches
 from models.two_tower import TwoTower, TwoTowerConfig
 from trainers.losses import symmetric_info_nce
-from trainers.tasks import Batch, EvalContext, Metrics, Task, Tower, register
+from trainers.flops import two_tower_forward
+from trainers.tasks import Batch, Corpus, EvalContext, Metrics, Task, Tower, register
 
 
 def _embed_images(model: TwoTower, images: jax.Array) -> jax.Array:
@@ -54,12 +55,30 @@ class TwoTowerTask(Task):
                                                                               np.uint8)}),
                 "text": Tower(_embed_texts, {"tokens": jax.ShapeDtypeStruct((d.max_words,), np.int32)})}
 
+    def forward_flops(self, batch_size: int) -> dict[str, float]:
+        return two_tower_forward(self.model_config(), batch_size)
+
+    def held_out(self, size: int | None = None) -> shapes.ShapesSource:
+        """The held-out world (another seed than the training source) that evaluation and export search."""
+        d = self.config.data
+        return shapes.ShapesSource(int(size or d.num_eval), d.image_size, d.max_words, seed=self.config.seed + 10_007)
+
+    def export_corpus(self, name: str = "eval", size: int | None = None) -> Corpus:
+        """The gallery: images of the held-out source, ids 0..n-1, embedded by the ``image`` tower."""
+        if name != "eval":
+            raise ValueError(f"two_tower has one export corpus, 'eval' (the held-out images); got {name!r}")
+        source, bs = self.held_out(size), int(self.config.data.eval_batch_size)
+        batches = ((np.arange(s, min(s + bs, len(source))),
+                    (np.stack([source[i]["image"] for i in range(s, min(s + bs, len(source)))]),))
+                   for s in range(0, len(source), bs))
+        return Corpus("image", batches, {"name": name, "size": len(source), "source": "ShapesSource",
+                                         "seed": self.config.seed + 10_007, "ids": "example index in the source"})
+
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         from trainers.evaluators.retrieval import evaluate_retrieval
 
         d = self.config.data
-        # A held-out world: another seed than the training source.
-        source = shapes.ShapesSource(d.num_eval, d.image_size, d.max_words, seed=self.config.seed + 10_007)
+        source = self.held_out()
         image_emb, text_emb, labels = [], [], []
         for batch in eval_batches(source, d.eval_batch_size):
             image_emb.append(ctx.apply(_embed_images, batch["image"]))

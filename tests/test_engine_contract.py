@@ -1,0 +1,225 @@
+"""The task contract beyond the gradient step: task-owned state, a task's own update, rollouts with a host
+function, resume after kill -9 and restores onto another mesh (tasks in tests/toy_tasks.py)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, load_test_config
+
+from trainers.checkpoints import Checkpointer
+from trainers.loop import Trainer
+from trainers.tasks import EvalContext, Task
+
+TOY = "tests/toy_tasks.py"
+
+
+def _kmeans(*overrides):
+    return load_test_config(f"{TOY}:kmeans", *overrides)
+
+
+@pytest.mark.parametrize("devices", [8, 1])
+def test_sharded_lloyd_update_equals_numpy_lloyd(tmp_path, devices):
+    from toy_tasks import lloyd_reference
+
+    mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"] if devices == 8 else ["mesh.data=1"]
+    config = _kmeans("train.steps=6", "train.checkpoint_every=100", *mesh)
+    trainer = Trainer.create(config, tmp_path, devices=jax.devices()[:devices])
+    result = trainer.run()
+    assert result.status == "completed"
+    state = _restore(trainer, tmp_path, 6)
+    points = trainer.task.points
+    expected = lloyd_reference(points, points[:config.model.codes], 6)
+    np.testing.assert_allclose(np.asarray(state.extra["centroids"]), expected, rtol=1e-5, atol=1e-5)
+    # usage counts: every point is counted once per iteration
+    assert int(np.asarray(state.extra["counts"]).sum()) == 6 * len(points)
+    if devices == 8:  # born sharded by the logical names ("codes" -> tensor, "embed" -> fsdp)
+        assert state.extra["centroids"].sharding.spec == jax.P("tensor", "fsdp")
+    inertia = lambda c: ((points[:, None] - c[None]) ** 2).sum(-1).min(1).mean()  # noqa: E731
+    assert result.eval_metrics["inertia"] == pytest.approx(inertia(expected), rel=1e-5)
+    assert inertia(expected) < 0.5 * inertia(points[:config.model.codes])
+
+
+def _restore(trainer, workdir, step, target_trainer=None):
+    target_trainer = target_trainer or trainer
+    compiled = target_trainer.compiled_step()
+    ckpt = Checkpointer(workdir / "checkpoints")
+    try:
+        state, _ = ckpt.restore(step, target_trainer.abstract_state(compiled))
+    finally:
+        ckpt.close()
+    return state
+
+
+def test_task_state_restores_onto_another_mesh_with_equal_values(tmp_path):
+    config = _kmeans("train.steps=4", "mesh.data=8")
+    trainer = Trainer.create(config, tmp_path)
+    trainer.run()
+    saved = _restore(trainer, tmp_path, 4)
+    other = Trainer.create(_kmeans("train.steps=4", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), tmp_path)
+    moved = _restore(trainer, tmp_path, 4, target_trainer=other)
+    shape = saved.extra["centroids"].shape
+    assert saved.extra["centroids"].sharding.shard_shape(shape) == shape  # tensor = fsdp = 1: whole
+    assert moved.extra["centroids"].sharding.shard_shape(shape) == (shape[0] // 2, shape[1] // 2)
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(moved)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_grpo_rollout_task_learns_target_from_reward(tmp_path):
+    config = load_test_config(f"{TOY}:grpo", "train.checkpoint_every=1000")
+    trainer = Trainer.create(config, tmp_path)
+    assert trainer.task.updates_per_rollout == 2
+    result = trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward"] for r in records if "reward" in r]
+    assert len(rewards) == config.train.steps
+    assert rewards[0] < 0.5, rewards[:5]  # a random policy hits ~1/vocab of the positions
+    assert np.mean(rewards[-5:]) >= 0.9, rewards[-10:]
+    assert result.eval_metrics["greedy_reward"] == 1.0
+    assert 0.0 < result.metrics["kl"] < 10.0  # the reference policy (task state) is live in the loss
+
+
+def test_fused_rollout_without_host_function_is_one_program(tmp_path):
+    """A rollout task without ``score`` compiles rollout + updates into one jitted step (and lowers)."""
+    import toy_tasks
+
+    class DeviceReward(toy_tasks.GRPOTask):
+        score = Task.score  # no host function: the reward is computed on device
+
+        def rollout(self, ctx, state, batch, rng):
+            made = super().rollout(ctx, state, batch, rng)
+            target = jax.numpy.asarray(self.target)
+            reward = (made["tokens"] == target[None]).mean(1)
+            groups = reward.reshape(-1, self.config.rl.group)
+            adv = ((groups - groups.mean(1, keepdims=True)) / (groups.std(1, keepdims=True) + 1e-4)).reshape(-1)
+            return {**made, "reward": reward, "advantage": adv, "reward_mean": reward}
+
+    config = load_test_config(f"{TOY}:grpo", "train.steps=3")
+    trainer = Trainer(config, tmp_path, DeviceReward(config), *_spec_and_mesh(config))
+    assert not trainer.task.overrides("score") and trainer.task.overrides("rollout")
+    trainer.lower().compile()  # abstract state, no data: the whole step is one program
+    result = trainer.run()
+    assert result.status == "completed" and np.isfinite(result.metrics["loss"])
+
+
+def _spec_and_mesh(config):
+    from trainers.mesh import make_mesh
+    from trainers.state import model_spec
+    from trainers.tasks import get_task
+
+    return model_spec(get_task(config).build_model), make_mesh(config.mesh)
+
+
+def test_non_finite_custom_update_keeps_state_and_stops(tmp_path):
+    """A task's own update keeps the non-finite guard: NaN centroids are not written, the run stops."""
+    import toy_tasks
+    from trainers.loop import NonFiniteLossError
+
+    class Broken(toy_tasks.KMeansTask):
+        def update(self, ctx, state, batch, rng):
+            state, metrics = super().update(ctx, state, batch, rng)
+            bad = state.extra["centroids"] * jax.numpy.where(state.step >= 2, jax.numpy.nan, 1.0)
+            return state.replace(extra={**state.extra, "centroids": bad}), metrics
+
+    config = _kmeans("train.steps=6", "train.checkpoint_every=2")
+    trainer = Trainer(config, tmp_path, Broken(config), *_spec_and_mesh(config))
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        trainer.run()
+    state = _restore(trainer, tmp_path, 2)
+    assert np.isfinite(np.asarray(state.extra["centroids"])).all()
+
+
+def test_eval_apply_batches_and_caches_compiled_functions(tmp_path):
+    """``EvalContext.apply`` with ``batch_size`` pads the last chunk (one program) and reuses compiled
+    entries across evaluations, also for a fresh ``functools.partial`` of the same call."""
+    import functools
+
+    traces = []
+
+    def fn(model, x, scale, table):
+        traces.append(x.shape)
+        return {"y": x * scale + table.sum()}
+
+    config = _kmeans()
+    trainer = Trainer.create(config, tmp_path)
+    compiled: dict = {}
+    x = np.arange(21, dtype=np.float32)[:, None]
+    for _ in range(2):
+        ctx = EvalContext(trainer.spec.graphdef, {}, trainer.mesh, 0, tmp_path, compiled)
+        out = ctx.apply(functools.partial(fn, scale=2.0), x, batch_size=8, replicated={"table": np.ones(3)})
+        np.testing.assert_allclose(out["y"], x * 2 + 3)
+    assert traces == [(8, 1)] and len(compiled) == 1
+
+
+def test_kuaisearch_recall_does_not_retrace_across_evaluations(tmp_path):
+    config = load_test_config("configs/kuaisearch_recall.py:tiny", "train.steps=1", "eval.max_queries=16")
+    trainer = Trainer.create(config, tmp_path)
+    compiled = trainer.compiled_step()
+    state = trainer.init_state(compiled.tx, compiled.shardings)
+    trainer.evaluate(state, 1)
+    sizes = {k: f._cache_size() for k, f in trainer._eval_compiled.items()}
+    trainer.evaluate(state, 2)
+    assert {k: f._cache_size() for k, f in trainer._eval_compiled.items()} == sizes
+    assert len(sizes) == 2 and all(n == 1 for n in sizes.values())
+
+
+# --- resume after kill -9 (subprocesses) ---------------------------------------------------------------
+
+
+def _train(workdir, arg, *extra, devices=2):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    args = ["--config", f"{REPO}/{TOY}:{arg}", "--set", "mesh.data=2", *extra]
+    return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", "--workdir", str(workdir), *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _metrics(workdir):
+    out = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "examples_per_sec" in record:
+            out[record["step"]] = {k: v for k, v in record.items() if k not in ("examples_per_sec", "step_time", "time")}
+    return out
+
+
+def _wait_for_step(workdir, step, proc, checkpoint, timeout=180):
+    """Until ``step`` is logged and checkpoint ``checkpoint`` is on disk (Orbax renames it into place)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        path = workdir / "metrics.jsonl"
+        if path.exists() and any(json.loads(l).get("step", 0) >= step for l in path.read_text().splitlines()) \
+                and (workdir / "checkpoints" / str(checkpoint)).is_dir():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"step {step} not reached")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arg,steps,every", [("kmeans", 12, 4), ("grpo", 24, 5)])
+def test_kill_9_at_a_random_step_resumes_bitwise(tmp_path, arg, steps, every):
+    flags = ["--set", f"train.steps={steps}", "--set", f"train.checkpoint_every={every}"]
+    reference = _train(tmp_path / "reference", arg, *flags)
+    out, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, out
+    expected = _metrics(tmp_path / "reference")
+    assert sorted(expected) == list(range(1, steps + 1))
+
+    kill_at = random.Random().randint(every + 1, steps - 1)
+    workdir = tmp_path / "killed"
+    victim = _train(workdir, arg, *flags)
+    _wait_for_step(workdir, kill_at, victim, checkpoint=every)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    resumed = _train(workdir, arg, *flags)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resuming at step" in out, out
+    assert _metrics(workdir) == expected, f"killed at step {kill_at}"  # exact float equality, every metric
