@@ -219,24 +219,23 @@ def _parse_fields(fields: str | Sequence[str] | None) -> list[str] | None:
 
 
 def _jsonl_texts(path: pathlib.Path, keys: Sequence[str]) -> Iterator[str]:
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}:{line_no}: cannot read JSON line ({e})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object")
-            for k in keys:
-                v = obj.get(k)
-                if v is None:
-                    raise ValueError(f"{path}:{line_no}: missing text field {k!r}")
-                if not isinstance(v, str):
-                    raise ValueError(f"{path}:{line_no}: field {k!r} is {type(v).__name__}, not str")
-                if v:
-                    yield v
+    from data_pipelines.jsonl_convert import iter_file_lines  # noqa: PLC0415
+
+    for line_no, raw in iter_file_lines(path):
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}:{line_no}: cannot read JSON line ({e})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{line_no}: expected a JSON object")
+        for k in keys:
+            v = obj.get(k)
+            if v is None:
+                raise ValueError(f"{path}:{line_no}: missing text field {k!r}")
+            if not isinstance(v, str):
+                raise ValueError(f"{path}:{line_no}: field {k!r} is {type(v).__name__}, not str")
+            if v:
+                yield v
 
 
 def kuaisearch_corpus(src_dir: str | os.PathLike,
@@ -287,8 +286,9 @@ def iter_corpus(paths: Sequence[str | os.PathLike],
         elif p.suffix == ".jsonl":
             keys = sorted({f.split(".", 1)[-1] for f in parsed}) if parsed else None
             if keys is None:
-                with open(p, "rb") as f:
-                    first = next((ln for ln in f if ln.strip()), b"{}")
+                from data_pipelines.jsonl_convert import iter_file_lines  # noqa: PLC0415
+
+                first = next((ln for _, ln in iter_file_lines(p)), b"{}")
                 obj = json.loads(first.decode("utf-8"))
                 keys = [k for k in ("query", "item_title") if k in obj]
                 if not keys:

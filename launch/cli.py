@@ -2,8 +2,8 @@
 
     ecomax train --config configs/two_tower.py:tiny --workdir runs/tt [--set train.steps=100 ...]
     ecomax data synth {ecom_rf_immr,kuaisearch} --out DIR ...
-    ecomax data build ecom_rf_immr --manifest M --out DIR
-    ecomax data prepare kuaisearch --src DIR --out DIR
+    ecomax data build ecom_rf_immr --manifest M --out DIR [--runner beam --beam-options '...']
+    ecomax data prepare kuaisearch --src DIR --out DIR [--runner beam --beam-options '...']
     ecomax data tokenizer --corpus FILE... --out spm.model
     ecomax demo --out runs/demo
     ecomax bench --config configs/X.py:ARG [--steps N] [--json OUT] [--aot --mesh data=2,fsdp=4,tensor=1]
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 
 from launch.bench import add_bench_parser
@@ -71,7 +72,9 @@ def _synth(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from data_pipelines.ecom_rf_immr import build
 
-    summary = build(args.manifest, args.out, workers=args.workers, max_bad_fraction=args.max_bad_fraction)
+    summary = build(args.manifest, args.out, workers=args.workers, shards=args.shards,
+                    max_bad_fraction=args.max_bad_fraction, overwrite=args.overwrite, runner=args.runner,
+                    beam_options=_beam_options(args))
     print(summary)
     return 0
 
@@ -79,8 +82,25 @@ def _build(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from data_pipelines.kuaisearch.prepare import prepare
 
-    prepare(args.src, args.out, workers=args.workers, max_bad_fraction=args.max_bad_fraction)
+    prepare(args.src, args.out, workers=args.workers, max_bad_fraction=args.max_bad_fraction,
+            kinds=args.kinds.split(",") if args.kinds else None, runner=args.runner,
+            beam_options=_beam_options(args))
     return 0
+
+
+def _beam_options(args: argparse.Namespace) -> list[str] | None:
+    if args.beam_options and args.runner != "beam":
+        raise SystemExit("ecomax data: --beam-options goes with --runner beam")
+    return shlex.split(args.beam_options) if args.beam_options else None
+
+
+def _max_bad_fraction(text: str) -> float:
+    from data_pipelines.jsonl_convert import check_max_bad_fraction
+
+    try:
+        return check_max_bad_fraction(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _tokenizer(args: argparse.Namespace) -> int:
@@ -117,8 +137,21 @@ def _add_data_parser(sub) -> None:
         p.add_argument(source, required=True)
         p.add_argument("--out", required=True)
         p.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPUs)")
-        p.add_argument("--max-bad-fraction", type=float, default=0.0,
-                       help="skip and count bad records up to this fraction (default: the first one is an error)")
+        p.add_argument("--max-bad-fraction", type=_max_bad_fraction, default=0.0, metavar="F",
+                       help="0 <= F < 1: skip and count bad records up to this fraction "
+                            "(default 0: the first one is an error naming file:line)")
+        p.add_argument("--runner", choices=("local", "beam"), default="local",
+                       help="local: this machine's worker pool; beam: the TFDS Beam route (DirectRunner "
+                            "unless --beam-options name another runner)")
+        p.add_argument("--beam-options", default="", metavar="'--runner=DataflowRunner ...'",
+                       help="Apache Beam pipeline options as one string, written with '=' "
+                            "(--beam-options='--runner=FlinkRunner ...'); with --runner beam")
+        if name == "build":
+            p.add_argument("--shards", type=int, default=None,
+                           help="byte ranges of the manifest (default: from a size estimate)")
+            p.add_argument("--overwrite", action="store_true", help="replace an existing build")
+        else:
+            p.add_argument("--kinds", default="", help="comma-separated kinds to build (default: all five)")
         p.set_defaults(func=func)
 
     p = data.add_parser("tokenizer", help="train a sentencepiece model on text fields of JSONL files")

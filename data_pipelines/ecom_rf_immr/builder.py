@@ -2,50 +2,52 @@
 
 Two routes over the same record definition (``schema.py``):
 
-* ``build(manifest, out_dir, ...)``: the fast, one-machine route for up to ~10M pairs. The manifest
-  is cut into byte ranges aligned on lines; a pool of worker processes handles one range each:
-  it streams the range line by line, reads and checks the images (decodes them), serializes each
-  record with the TFDS feature serializer, and writes its own ArrayRecord shard per split. Memory
-  stays bounded (one record at a time per worker); nothing holds the manifest. Then the shards are
-  renamed to TFDS names and ``tfds.folder_dataset.write_metadata(..., check_data=False)`` is called
-  with explicit split infos. Output: ``out_dir/ecom_rf_immr/1.0.0/`` (a standard TFDS folder), plus
-  ``mosaic_groups-<split>.npy`` (int64 per record, ``-1`` = no mosaic) for mosaic batching,
-  ``build_summary.json`` and, when records were skipped, ``skipped.jsonl``.
+* ``build(manifest, out_dir, ...)``: the fast, one-machine route for up to ~10M pairs, through the
+  shared converter ``data_pipelines.jsonl_convert`` (byte ranges at line boundaries, a worker pool,
+  the JSONL reader, the bad-line policy, progress, TFDS metadata). This module plugs in what is
+  ECom-RF-IMMR's own, ``ManifestEncoder``: the manifest schema, reading and checking the images
+  (decoding them), the TFDS feature serializer, the split field, and the mosaic group of each
+  record. Memory stays bounded (one record at a time per worker). Output:
+  ``out_dir/ecom_rf_immr/1.0.0/`` (a standard TFDS folder), plus ``mosaic_groups-<split>.npy``
+  (int64 per record, ``-1`` = no mosaic) for mosaic batching, ``build_summary.json`` and, when
+  records were skipped, ``skipped.jsonl``.
 * ``EcomRfImmr``: a ``tfds.core.GeneratorBasedBuilder`` over the same manifest, for
   ``download_and_prepare`` on one machine, or on Apache Beam (``beam_shards=N`` plus a
-  ``DownloadConfig(beam_runner=...)``) past one machine.
+  ``DownloadConfig(beam_options=...)``) past one machine; ``build(..., runner="beam")`` drives it.
 
 Bad input (unreadable JSON, a missing field, a missing/undecodable image, a box outside the image)
-raises ``ManifestError("<manifest>:<line>: <reason>")``. With ``max_bad_fraction > 0`` such records
-are skipped and counted instead, and the build fails (``BuildError``) once the skipped fraction of
-the manifest's records exceeds the cap.
+raises ``ManifestError("<manifest>:<line>: <reason>")``. With ``0 < max_bad_fraction < 1`` such
+records are skipped and counted instead, and the build fails (``BuildError``) when the skipped
+fraction of the manifest's records exceeds the cap (the converter's rule, ``0 <= f < 1``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-import multiprocessing as mp
 import os
 import shutil
 import sys
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from data_pipelines import jsonl_convert
 from data_pipelines.ecom_rf_immr import schema
 from data_pipelines.ecom_rf_immr.schema import DATASET_NAME, SPLITS, VERSION, ManifestError, RecordError
 
 import tensorflow_datasets as tfds  # noqa: E402  (array_record path only: no TensorFlow needed)
 
-SHARD_SUFFIX = "array_record"
+SHARD_SUFFIX = jsonl_convert.SHARD_SUFFIX
 DEFAULT_TARGET_SHARD_BYTES = 512 * 2**20
-MAX_LISTED_SKIPS = 1000
+MAX_LISTED_SKIPS = jsonl_convert.MAX_LISTED_BAD_LINES
+RUNNERS = ("local", "beam")
+DESCRIPTION = "ECom-RF-IMMR image-to-multimodal product retrieval pairs (ecomax schema)."
 
 
 class BuildError(RuntimeError):
@@ -136,44 +138,49 @@ def _features():
     return _FEATURES
 
 
-def _filename_template(data_dir: os.PathLike | str) -> tfds.core.ShardedFileTemplate:
-    return tfds.core.ShardedFileTemplate(data_dir=Path(data_dir), template=tfds.core.naming.DEFAULT_FILENAME_TEMPLATE,
-                                         dataset_name=DATASET_NAME, filetype_suffix=SHARD_SUFFIX)
+# ----------------------------------------------------------------------------- the encoder
 
 
-# ----------------------------------------------------------------------------- manifest ranges
+class ManifestEncoder:
+    """The ECom-RF-IMMR part of the conversion: one manifest line -> (split, serialized record).
 
+    Parses and validates the line, reads and checks its images (paths relative to the manifest's
+    folder), serializes the record with the TFDS feature serializer and keeps the mosaic group of
+    each record per split (``finish``).
+    """
 
-def _line_aligned_ranges(path: str, n: int) -> list[tuple[int, int]]:
-    """Split the file into up to ``n`` byte ranges whose starts are line starts."""
-    size = os.path.getsize(path)
-    offsets = [0]
-    with open(path, "rb") as f:
-        for k in range(1, n):
-            target = k * size // n
-            if target <= offsets[-1]:
-                continue
-            f.seek(target - 1)
-            f.readline()  # to the start of the next line (or stays, if target-1 was a newline)
-            pos = f.tell()
-            if offsets[-1] < pos < size:
-                offsets.append(pos)
-    offsets.append(size)
-    return [(a, b) for a, b in zip(offsets[:-1], offsets[1:]) if b > a]
+    bad_line_errors = (RecordError,)
 
+    def __init__(self, path: str, *, full_decode: bool = True):
+        self._base_dir = os.path.dirname(os.path.abspath(path))
+        self._full_decode = full_decode
+        self._groups: dict[str, list[int]] = {}
 
-def _count_newlines(path: str, start: int, end: int) -> int:
-    count = 0
-    with open(path, "rb") as f:
-        f.seek(start)
-        left = end - start
-        while left > 0:
-            block = f.read(min(left, 1 << 24))
-            if not block:
-                break
-            count += block.count(b"\n")
-            left -= len(block)
-    return count
+    def record(self, line: bytes, split: str | None = None) -> schema.Record | None:
+        """The loaded record of ``line`` (``None`` when ``split`` is given and is not the line's)."""
+        fields = schema.parse_manifest_line(line)
+        if fields is None:
+            raise RecordError("blank line")
+        if split is not None and fields["split"] != split:
+            return None
+        return schema.load_record(fields, self._base_dir, full_decode=self._full_decode)
+
+    def encode(self, line: bytes) -> tuple[str, bytes]:
+        record = self.record(line)
+        try:
+            data = _features().serialize_example(schema.to_tfds_example(record))
+        except Exception as e:  # noqa: BLE001 - any serializer failure is this record's
+            raise RecordError(f"cannot be serialized ({type(e).__name__}: {e})") from None
+        mosaic_id = record["mosaic_id"]
+        self._groups.setdefault(record["split"], []).append(schema.stable_group_hash(mosaic_id) if mosaic_id else -1)
+        return record["split"], data
+
+    @staticmethod
+    def locate(error: RecordError, path: str, line: int) -> ManifestError:
+        return ManifestError(path, line, str(error))
+
+    def finish(self) -> dict[str, np.ndarray]:
+        return {s: np.asarray(g, np.int64) for s, g in self._groups.items()}
 
 
 def _estimate_tasks(path: str, workers: int, target_shard_bytes: int) -> int:
@@ -181,160 +188,24 @@ def _estimate_tasks(path: str, workers: int, target_shard_bytes: int) -> int:
     size = os.path.getsize(path)
     base = os.path.dirname(os.path.abspath(path))
     line_bytes = rec_bytes = n = 0
-    with open(path, "rb") as f:
-        for raw in f:
-            if n >= 64:
-                break
-            line_bytes += len(raw)
-            try:
-                obj = json.loads(raw)
-                paths = [obj["query_image"]] + list(obj["item_images"] if isinstance(obj["item_images"], list)
-                                                    else [obj["item_images"]])
-                rec_bytes += sum(os.path.getsize(schema.resolve_path(base, p)) for p in paths)
-            except Exception:  # estimate only; errors are reported by the build itself
-                pass
-            n += 1
+    for _, raw in jsonl_convert.iter_file_lines(path):
+        if n >= 64:
+            break
+        line_bytes += len(raw) + 1
+        try:
+            obj = json.loads(raw)
+            paths = [obj["query_image"]] + list(obj["item_images"] if isinstance(obj["item_images"], list)
+                                                else [obj["item_images"]])
+            rec_bytes += sum(os.path.getsize(schema.resolve_path(base, p)) for p in paths)
+        except Exception:  # estimate only; errors are reported by the build itself
+            pass
+        n += 1
     if n == 0:
         return 1
     est_records = size / (line_bytes / n)
     est_bytes = est_records * (rec_bytes / n + 256)
     tasks = max(workers, math.ceil(est_bytes / target_shard_bytes))
     return max(1, min(tasks, int(est_records) + 1))
-
-
-# ----------------------------------------------------------------------------- the worker
-
-
-@dataclasses.dataclass(frozen=True)
-class _Task:
-    index: int
-    manifest: str
-    start: int
-    end: int
-    first_line: int
-    work_dir: str
-    max_bad: int  # -1: fail on the first bad record; else abort once more than this are skipped
-    full_decode: bool
-
-
-@dataclasses.dataclass
-class _PartResult:
-    count: int
-    num_bytes: int
-    path: str
-    groups_path: str
-
-
-@dataclasses.dataclass
-class _TaskResult:
-    index: int
-    lines: int
-    parts: dict[str, _PartResult]
-    skipped: int
-    skipped_head: list[SkippedRecord]
-    skipped_log: str | None
-
-
-class _Progress:
-    """Counts processed lines; a shared ``multiprocessing.Value`` in pool workers."""
-
-    def __init__(self, value=None, callback=None):
-        self._value, self._callback = value, callback
-
-    def add(self, n: int) -> None:
-        if n <= 0:
-            return
-        if self._value is not None:
-            with self._value.get_lock():
-                self._value.value += n
-        elif self._callback is not None:
-            self._callback(n)
-
-
-_PROGRESS = _Progress()
-
-
-def _init_worker(value) -> None:
-    global _PROGRESS
-    _PROGRESS = _Progress(value=value)
-
-
-def _iter_lines(path: str, start: int, end: int, first_line: int) -> Iterator[tuple[int, bytes]]:
-    with open(path, "rb") as f:
-        f.seek(start)
-        pos, line_no = start, first_line
-        while pos < end:
-            raw = f.readline()
-            if not raw:
-                break
-            pos += len(raw)
-            yield line_no, raw
-            line_no += 1
-
-
-def _run_task(task: _Task) -> _TaskResult:
-    import array_record.python.array_record_module as arm
-
-    features = _features()
-    base_dir = os.path.dirname(os.path.abspath(task.manifest))
-    writers: dict[str, Any] = {}
-    parts: dict[str, _PartResult] = {}
-    groups: dict[str, list[int]] = {}
-    skipped, head = 0, []
-    log_path = os.path.join(task.work_dir, f"task{task.index:05d}.skipped.jsonl")
-    log = None
-    lines = pending = 0
-    try:
-        for line_no, raw in _iter_lines(task.manifest, task.start, task.end, task.first_line):
-            pending += 1
-            if pending >= 64:
-                _PROGRESS.add(pending)
-                pending = 0
-            if not raw.strip():
-                continue
-            lines += 1
-            try:
-                fields = schema.parse_manifest_line(raw)
-                record = schema.load_record(fields, base_dir, full_decode=task.full_decode)
-                try:
-                    data = features.serialize_example(schema.to_tfds_example(record))
-                except Exception as e:  # noqa: BLE001 - any serializer failure is this record's
-                    raise RecordError(f"cannot be serialized ({type(e).__name__}: {e})") from None
-            except RecordError as e:
-                if task.max_bad < 0:
-                    raise ManifestError(task.manifest, line_no, str(e)) from None
-                skipped += 1
-                if len(head) < MAX_LISTED_SKIPS:
-                    head.append(SkippedRecord(line_no, str(e)))
-                if log is None:
-                    log = open(log_path, "w", encoding="utf-8")
-                log.write(json.dumps({"line": line_no, "reason": str(e)}, ensure_ascii=False) + "\n")
-                if skipped > task.max_bad:  # this range alone passes the cap: stop early
-                    listed = "\n".join(f"  {task.manifest}:{s.line}: {s.reason}" for s in head[:10])
-                    raise BuildError(
-                        f"{task.manifest}: more than {task.max_bad} bad records (over max_bad_fraction) "
-                        f"in lines {task.first_line}..{line_no} alone:\n{listed}") from None
-                continue
-            split = record["split"]
-            if split not in writers:
-                path = os.path.join(task.work_dir, f"task{task.index:05d}-{split}.{SHARD_SUFFIX}")
-                writers[split] = arm.ArrayRecordWriter(path, "group_size:1")
-                parts[split] = _PartResult(0, 0, path, path + ".groups.npy")
-                groups[split] = []
-            writers[split].write(data)
-            parts[split].count += 1
-            mosaic_id = record["mosaic_id"]
-            groups[split].append(schema.stable_group_hash(mosaic_id) if mosaic_id else -1)
-        _PROGRESS.add(pending)
-    finally:
-        for w in writers.values():
-            w.close()
-        if log is not None:
-            log.close()
-    for split, part in parts.items():
-        part.num_bytes = os.path.getsize(part.path)
-        np.save(part.groups_path, np.asarray(groups[split], np.int64), allow_pickle=False)
-    return _TaskResult(task.index, lines, parts, skipped, head, log_path if log is not None else None)
 
 
 # ----------------------------------------------------------------------------- build
@@ -364,6 +235,8 @@ def build(
     overwrite: bool = False,
     progress: bool = True,
     target_shard_bytes: int = DEFAULT_TARGET_SHARD_BYTES,
+    runner: str = "local",
+    beam_options: Sequence[str] | None = None,
 ) -> BuildSummary:
     """Build ArrayRecord shards + TFDS metadata from a JSONL manifest; returns the summary.
 
@@ -372,153 +245,118 @@ def build(
       out_dir: the data dir; the dataset goes to ``out_dir/ecom_rf_immr/1.0.0/``.
       workers: processes that read and check images (default: all CPUs); ``<= 1`` runs in-process.
       shards: byte-range tasks, each writing one shard per split it meets (default: from a size
-        estimate, ~``target_shard_bytes`` per shard, at least ``workers``).
-      max_bad_fraction: 0 fails on the first bad record (``ManifestError`` naming file:line); > 0
-        skips and counts bad records, and fails (``BuildError``) above that fraction of records.
+        estimate, ~``target_shard_bytes`` per shard, at least ``workers``); with ``runner="beam"``
+        the number of Beam ranges.
+      max_bad_fraction: in ``[0, 1)``. 0 fails on the first bad record (``ManifestError`` naming
+        file:line); > 0 skips and counts bad records, and fails (``BuildError``) above that
+        fraction of records.
       full_decode: decode every image (catches truncated files); False checks headers only.
       overwrite: replace an existing build of the same version.
       progress: show a tqdm bar (stderr) and print the summary at the end.
+      runner: "local" (this machine's worker pool) or "beam" (``build_beam``).
+      beam_options: Beam pipeline options for ``runner="beam"`` (default: the DirectRunner).
     """
     t0 = time.time()
     manifest = os.path.abspath(os.fspath(manifest))
     if not os.path.isfile(manifest):
         raise FileNotFoundError(f"manifest not found: {manifest}")
-    if not 0.0 <= max_bad_fraction < 1.0:
-        raise ValueError(f"max_bad_fraction must be in [0, 1), got {max_bad_fraction}")
-    workers = (os.cpu_count() or 1) if workers is None else max(0, int(workers))
-    root = Path(out_dir) / DATASET_NAME
-    final_dir = root / VERSION
+    max_bad_fraction = jsonl_convert.check_max_bad_fraction(max_bad_fraction)
+    if runner not in RUNNERS:
+        raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
+    final_dir = Path(out_dir) / DATASET_NAME / VERSION
     if final_dir.exists() and not overwrite:
         raise BuildError(f"{final_dir} already exists (pass overwrite=True to replace it)")
     if os.path.getsize(manifest) == 0:
         raise BuildError(f"{manifest}: the manifest is empty")
+    if runner == "beam":
+        return build_beam(manifest, out_dir, shards=shards, max_bad_fraction=max_bad_fraction,
+                          full_decode=full_decode, overwrite=overwrite, progress=progress,
+                          beam_options=beam_options)
+    workers = (os.cpu_count() or 1) if workers is None else max(0, int(workers))
     n_tasks = shards if shards is not None else _estimate_tasks(manifest, max(1, workers), target_shard_bytes)
-    ranges = _line_aligned_ranges(manifest, max(1, int(n_tasks)))
+    summaries: list[BuildSummary] = []
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp_dir = root / f".incomplete-{VERSION}-{uuid.uuid4().hex[:8]}"
-    work_dir = tmp_dir / "_work"
-    work_dir.mkdir(parents=True)
+    def on_written(res: jsonl_convert.DatasetResult, tmp_dir: Path) -> None:
+        for split in res.rows:
+            _write_dense_groups(tmp_dir / f"mosaic_groups-{split}.npy",
+                                [r.extra[split] for r in res.ranges if split in (r.extra or {})])
+        summaries.append(BuildSummary(
+            manifest=manifest, dataset_dir=res.path, records=dict(res.rows), shards=dict(res.shards),
+            num_bytes=dict(res.num_bytes), num_lines=res.lines, num_skipped=res.skipped,
+            skipped=[SkippedRecord(b.line, b.reason) for b in res.bad_lines], skipped_log=res.skipped_log,
+            seconds=time.time() - t0, workers=workers, tasks=len(res.ranges)))
+        with open(tmp_dir / "build_summary.json", "w", encoding="utf-8") as f:
+            json.dump(summaries[-1].to_json(), f, ensure_ascii=False, indent=1)
+
+    dataset = jsonl_convert.Dataset(
+        name=DATASET_NAME, version=VERSION, files=[manifest],
+        encoder_factory=functools.partial(ManifestEncoder, full_decode=full_decode), features=_features(),
+        description=DESCRIPTION, split_order=SPLITS, num_ranges=max(1, int(n_tasks)), on_written=on_written)
     try:
-        results = _run_tasks(manifest, ranges, work_dir, workers, max_bad_fraction, full_decode, progress)
-        summary = _finalize(manifest, results, tmp_dir, final_dir, workers, max_bad_fraction, overwrite, t0)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+        jsonl_convert.convert([dataset], out_dir, workers=workers, max_bad_fraction=max_bad_fraction,
+                              overwrite=overwrite, progress=progress, desc="ecom_rf_immr build",
+                              title="ECom-RF-IMMR build")
+    except (jsonl_convert.TooManyBadLinesError, jsonl_convert.NoRecordsError, FileExistsError) as e:
+        raise BuildError(str(e)) from None
+    summary = summaries[0]
+    summary.seconds = time.time() - t0
     if progress:
         print(str(summary), file=sys.stderr)
     return summary
 
 
-def _run_tasks(manifest, ranges, work_dir, workers, max_bad_fraction, full_decode, progress) -> list[_TaskResult]:
-    from tqdm.auto import tqdm
-
-    in_process = workers <= 1 or len(ranges) == 1
-    pool = None
-    try:
-        if in_process:
-            counts = [_count_newlines(manifest, a, b) for a, b in ranges]
-        else:
-            ctx = mp.get_context("spawn")  # fork after TFDS/absl threads start is unsafe
-            value = ctx.Value("q", 0)
-            pool = ctx.Pool(min(workers, len(ranges)), initializer=_init_worker, initargs=(value,))
-            counts = pool.starmap(_count_newlines, [(manifest, a, b) for a, b in ranges])
-        total_lines = sum(counts) + (1 if _last_line_unterminated(manifest) else 0)
-        max_bad = -1 if max_bad_fraction == 0 else int(math.floor(max_bad_fraction * total_lines))
-        first_lines = np.cumsum([1] + counts[:-1]).tolist()
-        tasks = [_Task(i, manifest, a, b, int(first_lines[i]), str(work_dir), max_bad, full_decode)
-                 for i, (a, b) in enumerate(ranges)]
-        bar = tqdm(total=total_lines, unit="rec", desc="ecom_rf_immr build", disable=not progress,
-                   dynamic_ncols=True)
-        with bar:
-            if in_process:
-                global _PROGRESS
-                saved, _PROGRESS = _PROGRESS, _Progress(callback=bar.update)
-                try:
-                    results = [_run_task(t) for t in tasks]
-                finally:
-                    _PROGRESS = saved
-            else:
-                pending = {t.index: pool.apply_async(_run_task, (t,)) for t in tasks}
-                results, seen = [], 0
-                while pending:
-                    for i in [i for i, r in pending.items() if r.ready()]:
-                        results.append(pending.pop(i).get())  # re-raises a worker's error here
-                    now = value.value
-                    bar.update(now - seen)
-                    seen = now
-                    if pending:
-                        time.sleep(0.05)
-                results.sort(key=lambda r: r.index)
-        return results
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+def _write_dense_groups(path: Path, parts: list[np.ndarray]) -> None:
+    """``mosaic_groups-<split>.npy``: the stable group hashes of a split made dense (``-1`` kept)."""
+    hashes = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    dense = np.full(hashes.shape, -1, np.int64)
+    has = hashes >= 0
+    if has.any():
+        dense[has] = np.unique(hashes[has], return_inverse=True)[1]
+    np.save(path, dense, allow_pickle=False)
 
 
-def _last_line_unterminated(path: str) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) != b"\n"
+def build_beam(
+    manifest: os.PathLike | str,
+    out_dir: os.PathLike | str,
+    *,
+    shards: int | None = None,
+    max_bad_fraction: float = 0.0,
+    full_decode: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    beam_options: Sequence[str] | None = None,
+) -> BuildSummary:
+    """The same dataset as ``build``, made by ``EcomRfImmr`` on Apache Beam (``beam_shards`` line
+    ranges of the manifest, one Beam element each; default one per 64 MiB of manifest, at least 1).
 
+    ``beam_options`` are Beam pipeline options (default: the DirectRunner in this process); the
+    manifest and images must be readable by the Beam workers. Record order in a split is TFDS's
+    (hashed keys); the records are the same as ``build``'s. No ``mosaic_groups-*.npy`` is written
+    (``RecordSource.mosaic_group_ids`` computes them). With ``max_bad_fraction > 0`` the cap is
+    applied to each range (stricter than ``build``'s global cap). Requires ``apache-beam``.
+    """
+    import apache_beam as beam  # noqa: PLC0415  (a clear ImportError when it is missing)
 
-def _finalize(manifest, results, tmp_dir: Path, final_dir: Path, workers, max_bad_fraction, overwrite, t0):
-    num_lines = sum(r.lines for r in results)
-    num_skipped = sum(r.skipped for r in results)
-    head = [s for r in results for s in r.skipped_head][:MAX_LISTED_SKIPS]
-    if num_lines and num_skipped / num_lines > max_bad_fraction:
-        listed = "\n".join(f"  {manifest}:{s.line}: {s.reason}" for s in head[:10])
-        raise BuildError(f"{manifest}: {num_skipped} of {num_lines} records are bad "
-                         f"({num_skipped / num_lines:.2%} > max_bad_fraction {max_bad_fraction:.2%}):\n{listed}")
-    template = _filename_template(tmp_dir)
-    split_infos, records, shard_counts, num_bytes = [], {}, {}, {}
-    for split in SPLITS:
-        parts = [r.parts[split] for r in results if split in r.parts and r.parts[split].count > 0]
-        if not parts:
-            continue
-        lengths = []
-        for k, part in enumerate(parts):
-            name = template.replace(split=split).sharded_filepath(shard_index=k, num_shards=len(parts))
-            os.replace(part.path, name)
-            lengths.append(part.count)
-        hashes = np.concatenate([np.load(p.groups_path, allow_pickle=False) for p in parts])
-        dense = np.full(hashes.shape, -1, np.int64)
-        has = hashes >= 0
-        if has.any():
-            dense[has] = np.unique(hashes[has], return_inverse=True)[1]
-        np.save(tmp_dir / f"mosaic_groups-{split}.npy", dense, allow_pickle=False)
-        records[split], shard_counts[split] = sum(lengths), len(parts)
-        num_bytes[split] = sum(p.num_bytes for p in parts)
-        split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=num_bytes[split],
-                                               filename_template=template.replace(split=split)))
-    if not split_infos:
-        raise BuildError(f"{manifest}: no valid records (read {num_lines}, skipped {num_skipped})")
-    tfds.folder_dataset.write_metadata(
-        data_dir=tmp_dir, features=_features(), split_infos=split_infos, version=VERSION,
-        filename_template=template, check_data=False,
-        description="ECom-RF-IMMR image-to-multimodal product retrieval pairs (ecomax schema).")
-    skipped_log = None
-    logs = [r.skipped_log for r in results if r.skipped_log]
-    if logs:
-        skipped_log = str(final_dir / "skipped.jsonl")
-        with open(tmp_dir / "skipped.jsonl", "wb") as out:
-            for p in logs:
-                with open(p, "rb") as f:
-                    shutil.copyfileobj(f, out)
-    shutil.rmtree(tmp_dir / "_work")
-    summary = BuildSummary(
-        manifest=manifest, dataset_dir=str(final_dir), records=records, shards=shard_counts,
-        num_bytes=num_bytes, num_lines=num_lines, num_skipped=num_skipped, skipped=head,
-        skipped_log=skipped_log, seconds=time.time() - t0, workers=workers, tasks=len(results))
-    with open(tmp_dir / "build_summary.json", "w", encoding="utf-8") as f:
-        json.dump(summary.to_json(), f, ensure_ascii=False, indent=1)
+    t0 = time.time()
+    manifest = os.path.abspath(os.fspath(manifest))
+    final_dir = Path(out_dir) / DATASET_NAME / VERSION
     if final_dir.exists():
         if not overwrite:
-            raise BuildError(f"{final_dir} appeared during the build")
+            raise BuildError(f"{final_dir} already exists (pass overwrite=True to replace it)")
         shutil.rmtree(final_dir)
-    os.replace(tmp_dir, final_dir)
-    summary.seconds = time.time() - t0
+    n = shards if shards else max(1, -(-os.path.getsize(manifest) // (64 << 20)))
+    b = EcomRfImmr(manifest=manifest, data_dir=os.fspath(out_dir), file_format="array_record",
+                   max_bad_fraction=max_bad_fraction, full_decode=full_decode, beam_shards=n)
+    options = beam.options.pipeline_options.PipelineOptions(list(beam_options or ()))
+    b.download_and_prepare(download_config=tfds.download.DownloadConfig(beam_options=options))
+    splits = b.info.splits
+    summary = BuildSummary(
+        manifest=manifest, dataset_dir=str(b.data_path), records={s: v.num_examples for s, v in splits.items()},
+        shards={s: v.num_shards for s, v in splits.items()}, num_bytes={s: v.num_bytes for s, v in splits.items()},
+        num_lines=sum(v.num_examples for v in splits.values()), num_skipped=0, skipped=[], skipped_log=None,
+        seconds=time.time() - t0, workers=0, tasks=n)
+    if progress:
+        print(str(summary), file=sys.stderr)
     return summary
 
 
@@ -589,42 +427,27 @@ def open_split(out_dir: os.PathLike | str, split: str) -> RecordSource:
 # ----------------------------------------------------------------------------- TFDS builder
 
 
-def _examples_in_range(rng: tuple[int, int, int], *, manifest: str, split: str, max_bad_fraction: float,
+def _examples_in_range(rng: tuple[str, int, int], *, split: str, max_bad_fraction: float,
                        full_decode: bool) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, TFDS example) for the records of ``split`` in one byte range of the manifest."""
-    start, end, first_line = rng
-    base_dir = os.path.dirname(os.path.abspath(manifest))
-    lines = bad = 0
-    for line_no, raw in _iter_lines(manifest, start, end, first_line):
-        if not raw.strip():
-            continue
-        lines += 1
-        try:
-            fields = schema.parse_manifest_line(raw)
-            if fields["split"] != split:
-                continue
-            record = schema.load_record(fields, base_dir, full_decode=full_decode)
-        except RecordError as e:
-            if max_bad_fraction == 0:
-                raise ManifestError(manifest, line_no, str(e)) from None
-            bad += 1
-            print(f"ecom_rf_immr: skipping {manifest}:{line_no}: {e}", file=sys.stderr)
-            continue
-        yield line_no, schema.to_tfds_example(record)
-    if lines and bad / lines > max_bad_fraction:
-        raise BuildError(f"{manifest}: {bad} of {lines} records bad (> max_bad_fraction {max_bad_fraction})")
+    """(byte offset, TFDS example) for the records of ``split`` in one byte range of the manifest."""
+    encoder = ManifestEncoder(rng[0], full_decode=full_decode)
+    records = jsonl_convert.iter_range_records(
+        rng, functools.partial(encoder.record, split=split), ManifestEncoder.bad_line_errors,
+        ManifestEncoder.locate, max_bad_fraction=max_bad_fraction, log_name=DATASET_NAME)
+    for offset, record in records:
+        if record is not None:
+            yield offset, schema.to_tfds_example(record)
 
 
 def _splits_in_manifest(manifest: str) -> list[str]:
     found = set()
-    with open(manifest, "rb") as f:
-        for raw in f:
-            try:
-                split = json.loads(raw).get("split")
-            except Exception:
-                continue  # reported (with its line) while generating
-            if split in SPLITS:
-                found.add(split)
+    for _, raw in jsonl_convert.iter_file_lines(manifest):
+        try:
+            split = json.loads(raw).get("split")
+        except Exception:
+            continue  # reported (with its line) while generating
+        if split in SPLITS:
+            found.add(split)
     return [s for s in SPLITS if s in found]
 
 
@@ -634,7 +457,8 @@ class EcomRfImmr(tfds.core.GeneratorBasedBuilder):
     ``EcomRfImmr(manifest=M, data_dir=D, file_format="array_record").download_and_prepare()``.
     With ``beam_shards=N`` the examples come from a Beam ``FlatMap`` over N line ranges of the
     manifest (run it with ``download_config=tfds.download.DownloadConfig(beam_runner=...)``).
-    Bad-record rules are the same as ``build``'s; skipped lines are logged to stderr.
+    Bad-record rules are ``build``'s, the cap applied per range (``jsonl_convert.iter_range_records``);
+    skipped lines are logged to stderr.
     """
 
     VERSION = tfds.core.Version(schema.VERSION)
@@ -653,7 +477,7 @@ class EcomRfImmr(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, manifest: str | None = None, max_bad_fraction: float = 0.0, full_decode: bool = True,
                  beam_shards: int | None = None, **kwargs):
         self._manifest = os.path.abspath(manifest) if manifest else None
-        self._max_bad_fraction = float(max_bad_fraction)
+        self._max_bad_fraction = jsonl_convert.check_max_bad_fraction(max_bad_fraction)
         self._full_decode = full_decode
         self._beam_shards = beam_shards
         super().__init__(**kwargs)
@@ -661,9 +485,7 @@ class EcomRfImmr(tfds.core.GeneratorBasedBuilder):
                                     full_decode=full_decode, beam_shards=beam_shards)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self, features=schema.tfds_features(),
-            description="ECom-RF-IMMR image-to-multimodal product retrieval pairs (ecomax schema).")
+        return tfds.core.DatasetInfo(builder=self, features=schema.tfds_features(), description=DESCRIPTION)
 
     def _split_generators(self, dl_manager):
         if not self._manifest:
@@ -671,14 +493,10 @@ class EcomRfImmr(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(split=split) for split in _splits_in_manifest(self._manifest)}
 
     def _generate_examples(self, split: str):
-        kwargs = dict(manifest=self._manifest, split=split, max_bad_fraction=self._max_bad_fraction,
-                      full_decode=self._full_decode)
+        kwargs = dict(split=split, max_bad_fraction=self._max_bad_fraction, full_decode=self._full_decode)
         if self._beam_shards:
             beam = tfds.core.lazy_imports.apache_beam
-            ranges = _line_aligned_ranges(self._manifest, self._beam_shards)
-            counts = [_count_newlines(self._manifest, a, b) for a, b in ranges]
-            firsts = np.cumsum([1] + counts[:-1]).tolist()
-            elems = [(a, b, int(f)) for (a, b), f in zip(ranges, firsts)]
-            return (f"Ranges_{split}" >> beam.Create(elems)
+            ranges = [(self._manifest, a, b) for a, b in jsonl_convert.plan_ranges(self._manifest, self._beam_shards)]
+            return (f"Ranges_{split}" >> beam.Create(ranges)
                     | f"Examples_{split}" >> beam.FlatMap(_examples_in_range, **kwargs))
-        return _examples_in_range((0, os.path.getsize(self._manifest), 1), **kwargs)
+        return _examples_in_range((self._manifest, 0, os.path.getsize(self._manifest)), **kwargs)

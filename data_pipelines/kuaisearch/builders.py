@@ -12,9 +12,11 @@ key hash). Use them when TFDS should own the build, e.g. on Apache Beam for the 
 ``manual_dir`` holds the source files in either layout (``items_lite/train.jsonl`` or
 ``items.jsonl``). Without ``use_beam`` the rows are generated in this process (fine for small
 data; ``prepare`` is the fast single-machine path). With ``use_beam`` the files are cut into byte
-ranges at line boundaries and each range is read by a Beam worker. A bad line raises
-``KuaiSearchFormatError`` naming the file and line in both modes (for skip-with-cap, use
-``prepare``).
+ranges at line boundaries and each range is read by a Beam worker. Lines are read and located by
+the shared reader of ``data_pipelines.jsonl_convert``: a bad line raises ``KuaiSearchFormatError``
+naming the file and line in both modes; with ``max_bad_fraction > 0`` bad lines are skipped and
+the cap is applied per byte range (``jsonl_convert.iter_range_records``).
+``prepare(..., runner="beam")`` drives these builders.
 
 Kinds with a ``split`` field (recall, rank) declare the splits given by ``splits=``; by default
 the files are scanned once (a byte regex, no JSON parsing) for the split values they hold, since
@@ -24,6 +26,7 @@ TFDS refuses an empty split. A row whose split is not declared is an error. The 
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import re
@@ -32,7 +35,7 @@ from collections.abc import Iterator, Sequence
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_pipelines.kuaisearch import prepare as prepare_lib
+from data_pipelines import jsonl_convert
 from data_pipelines.kuaisearch import records, schema
 
 _BEAM_RANGE_BYTES = 64 << 20
@@ -56,37 +59,19 @@ def scan_splits(files: Sequence[str], chunk_bytes: int = 64 << 20) -> list[str]:
     return sorted(v.decode("ascii") for v in found)
 
 
-def iter_rows(kind: str, path: str, start: int = 0, end: int | None = None
-              ) -> Iterator[tuple[int, dict]]:
+def iter_rows(kind: str, path: str, start: int = 0, end: int | None = None, *,
+              max_bad_fraction: float = 0.0) -> Iterator[tuple[int, dict]]:
     """Yields ``(byte_offset, row)`` for the validated rows of ``path[start:end]``.
 
     ``start`` must be a line start. Blank lines are skipped; a bad line raises
-    ``KuaiSearchFormatError`` with the file and 1-based line number.
+    ``KuaiSearchFormatError`` with the file and 1-based line number (or, with
+    ``max_bad_fraction > 0``, is skipped under that cap for the range).
     """
     end = os.path.getsize(path) if end is None else end
-    base = None if start else 0
-    with open(path, "rb", buffering=1 << 20) as f:
-        f.seek(start)
-        pos, local = start, 0
-        while pos < end:
-            raw = f.readline()
-            if not raw:
-                break
-            offset = pos
-            pos += len(raw)
-            local += 1
-            line = raw.rstrip(b"\r\n")
-            if offset == 0 and line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]
-            if not line.strip():
-                continue
-            try:
-                row = schema.parse_line(kind, line)
-            except schema.KuaiSearchFormatError as e:
-                if base is None:
-                    base = prepare_lib.count_newlines(path, start)
-                raise e.located(path, base + local) from None
-            yield offset, row
+    yield from jsonl_convert.iter_range_records(
+        (path, start, end), functools.partial(schema.parse_line, kind),
+        (schema.KuaiSearchFormatError,), schema.KuaiSearchFormatError.located,
+        max_bad_fraction=max_bad_fraction, log_name=f"kuaisearch_{kind}")
 
 
 class _KuaiSearchBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -107,11 +92,13 @@ class _KuaiSearchBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         # modules inside packages; the answer is simply this file.
         return epath.Path(__file__)
 
-    def __init__(self, *, use_beam: bool = False, splits: Sequence[str] | None = None, **kwargs):
+    def __init__(self, *, use_beam: bool = False, splits: Sequence[str] | None = None,
+                 max_bad_fraction: float = 0.0, **kwargs):
         self._use_beam = use_beam
         self._declared_splits = tuple(splits) if splits else None
+        self._max_bad_fraction = jsonl_convert.check_max_bad_fraction(max_bad_fraction)
         super().__init__(**kwargs)
-        self._original_state.update(use_beam=use_beam, splits=splits)
+        self._original_state.update(use_beam=use_beam, splits=splits, max_bad_fraction=max_bad_fraction)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -132,18 +119,14 @@ class _KuaiSearchBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         return {s: self._generate_examples(ps, s) for s, ps in by_split.items()}
 
     def _generate_examples(self, files: Sequence[str], split: str):
-        kind = self.KIND
-        declared = self._declared_splits
+        kw = dict(kind=self.KIND, split=split, declared=self._declared_splits,
+                  max_bad_fraction=self._max_bad_fraction)
         if self._use_beam:
             beam = tfds.core.lazy_imports.apache_beam
-            tasks = []
-            for p in files:
-                n = max(1, -(-os.path.getsize(p) // _BEAM_RANGE_BYTES))
-                tasks.extend((p, a, b) for a, b in prepare_lib.plan_ranges(p, n))
-            return (beam.Create(tasks)
+            return (beam.Create(jsonl_convert.beam_range_tasks(files, _BEAM_RANGE_BYTES))
                     | beam.Reshuffle()
-                    | beam.FlatMap(_range_examples, kind=kind, split=split, declared=declared))
-        return _files_examples(files, kind, split, declared)
+                    | beam.FlatMap(_range_examples, **kw))
+        return (ex for p in files for ex in _range_examples((p, 0, os.path.getsize(p)), **kw))
 
 
 def _check_split(kind: str, row: dict, path: str, offset: int, declared: Sequence[str]) -> str:
@@ -155,17 +138,9 @@ def _check_split(kind: str, row: dict, path: str, offset: int, declared: Sequenc
     return s
 
 
-def _files_examples(files, kind, split, declared):
-    for p in files:
-        for offset, row in iter_rows(kind, p):
-            if kind in schema.SPLIT_FIELD_KINDS and _check_split(kind, row, p, offset, declared) != split:
-                continue
-            yield f"{os.path.basename(p)}:{offset}", row
-
-
-def _range_examples(task, *, kind, split, declared):
+def _range_examples(task, *, kind, split, declared, max_bad_fraction=0.0):
     path, start, end = task
-    for offset, row in iter_rows(kind, path, start, end):
+    for offset, row in iter_rows(kind, path, start, end, max_bad_fraction=max_bad_fraction):
         if kind in schema.SPLIT_FIELD_KINDS and _check_split(kind, row, path, offset, declared) != split:
             continue
         yield f"{os.path.basename(path)}:{offset}", row

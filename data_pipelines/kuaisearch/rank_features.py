@@ -150,13 +150,11 @@ def char_ngram_ids(text: str, length: int, buckets: int, ngrams: Sequence[int] =
 def iter_jsonl(src_dir: str | os.PathLike, kind: str) -> Iterator[dict]:
     """Validated rows of ``kind`` from the JSONL files under ``src_dir`` (released, demo or synthetic
     layout). A bad line raises ``KuaiSearchFormatError`` naming the file and the line."""
+    from data_pipelines.jsonl_convert import iter_file_lines  # noqa: PLC0415
+
     for path in schema.find_source_files(src_dir, kind):
-        with open(path, "rb") as f:
-            for line_no, raw in enumerate(f, 1):
-                if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]
-                if raw.strip():
-                    yield schema.parse_line(kind, raw, source=str(path), line=line_no)
+        for line_no, line in iter_file_lines(path):
+            yield schema.parse_line(kind, line, source=str(path), line=line_no)
 
 
 def _progress(it: Iterable, desc: str, total: int | None = None) -> Iterable:
