@@ -58,16 +58,25 @@ def _restore(trainer, workdir, step, target_trainer=None):
     return state
 
 
-def test_task_state_restores_onto_another_mesh_with_equal_values(tmp_path):
-    config = _kmeans("train.steps=4", "mesh.data=8")
+@pytest.mark.parametrize("arg", ["kmeans", "grpo"])
+def test_task_state_restores_onto_another_mesh_with_equal_values(tmp_path, arg):
+    config = load_test_config(f"{TOY}:{arg}", "train.steps=4", "mesh.data=8")
     trainer = Trainer.create(config, tmp_path)
     trainer.run()
     saved = _restore(trainer, tmp_path, 4)
-    other = Trainer.create(_kmeans("train.steps=4", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), tmp_path)
+    other = Trainer.create(load_test_config(f"{TOY}:{arg}", "train.steps=4", "mesh.data=2", "mesh.fsdp=2",
+                                            "mesh.tensor=2"), tmp_path)
     moved = _restore(trainer, tmp_path, 4, target_trainer=other)
-    shape = saved.extra["centroids"].shape
-    assert saved.extra["centroids"].sharding.shard_shape(shape) == shape  # tensor = fsdp = 1: whole
-    assert moved.extra["centroids"].sharding.shard_shape(shape) == (shape[0] // 2, shape[1] // 2)
+    if arg == "kmeans":  # the codebook: whole on data=8, split over tensor x fsdp on 2x2x2
+        shape = saved.extra["centroids"].shape
+        assert saved.extra["centroids"].sharding.shard_shape(shape) == shape
+        assert moved.extra["centroids"].sharding.shard_shape(shape) == (shape[0] // 2, shape[1] // 2)
+    else:  # the reference policy follows its parameters' shardings
+        for ref, param in zip(jax.tree.leaves(moved.extra["reference"]), jax.tree.leaves(moved.params)):
+            assert ref.sharding == param.sharding
+        assert not np.array_equal(np.asarray(moved.extra["reference"]["out"]["kernel"]),
+                                  np.asarray(moved.params["out"]["kernel"]))  # trained away from it
+    assert jax.tree.structure(saved) == jax.tree.structure(moved)
     for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(moved)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

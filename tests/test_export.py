@@ -189,8 +189,13 @@ def test_cli_reports_errors(trained, tmp_path, capsys):
 
 
 def test_task_without_corpus_is_refused():
-    class NoCorpus:
-        """A task with neither ``export_corpus`` nor an adapter."""
+    from trainers.tasks import Task
+
+    class NoCorpus(Task):
+        """A task that keeps the base class's ``export_corpus`` (none)."""
+
+        def build_model(self, rngs):
+            raise NotImplementedError
 
     with pytest.raises(ex.ExportError, match="no export corpus"):
-        ex.export_corpus(NoCorpus(), "some_task")
+        ex.export_corpus(NoCorpus(load_test_config()), "some_task")
