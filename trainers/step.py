@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models.partitioning import Rules, activation_rules
-from trainers.mesh import BATCH_AXES, batch_sharding
+from trainers.mesh import BATCH_AXES
 from trainers.state import TrainState
 
 LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -134,11 +134,6 @@ def guarded(update: Callable[[TrainState, Any, jax.Array], tuple[TrainState, dic
     return step
 
 
-def _float_metrics(metrics: dict[str, jax.Array], bad_step: jax.Array) -> dict[str, jax.Array]:
-    metrics = {k: jnp.asarray(v).astype(jnp.float32) for k, v in metrics.items()}
-    return {**metrics, "bad_step": bad_step}
-
-
 def make_update(update: Callable, *, seed: int, mesh: Mesh, rules: Rules, updates: int = 1,
                 check_state: bool = False) -> StepFn:
     """``updates`` guarded updates on one batch, then ``step + 1``: ``(state, batch) -> (state, metrics)``
@@ -152,7 +147,7 @@ def make_update(update: Callable, *, seed: int, mesh: Mesh, rules: Rules, update
             for k in range(updates):  # GRPO's mu is small (1-4): unrolled
                 state, metrics = one(state, batch, rng if updates == 1 else jax.random.fold_in(rng, k))
         state = state.replace(step=state.step + 1)
-        return state, _float_metrics(metrics, state.bad_step)
+        return state, {**{k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}, "bad_step": state.bad_step}
 
     return step
 
@@ -171,20 +166,8 @@ def make_rollout(rollout: Callable, *, seed: int, mesh: Mesh, rules: Rules) -> C
     return run
 
 
-def make_train_step(loss_fn: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, mesh: Mesh, rules: Rules, seed: int, microbatches: int = 1,
-                    compute_dtype: str = "float32") -> StepFn:
-    """The default step (gradient step of ``loss_fn``), un-jitted; ``jit_train_step`` adds shardings."""
-    ctx = UpdateContext(graphdef, tx, schedule, mesh, loss_fn, microbatches, compute_dtype)
-    return make_update(ctx.gradient_step, seed=seed, mesh=mesh, rules=rules)
-
-
 def jit_train_step(step: Callable, state_shardings: TrainState, batch_shardings: Any, mesh: Mesh):
     """``jax.jit`` with explicit in/out shardings and the state donated."""
     return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
 
-
-def leading_batch_shardings(tree: Any, mesh: Mesh) -> Any:
-    """Each leaf split over the data axes along its first dimension (a rollout's batch)."""
-    return jax.tree.map(lambda x: batch_sharding(mesh, len(x.shape)), tree)
