@@ -35,8 +35,9 @@ from data_pipelines.cache import cached_dataset
 from data_pipelines.kuaisearch import records, schema
 from data_pipelines.kuaisearch import rank_features as rf
 from data_pipelines.loader import eval_batches
-from models.ranking import RankingConfig, build_model, sigmoid_cross_entropy
+from models.ranking import RankingConfig, build_model
 from trainers.evaluators import metrics
+from trainers.losses import sigmoid_cross_entropy
 from trainers.tasks import Batch, EvalContext, Metrics, Task, register
 
 TABLES_VERSION = 1

@@ -8,7 +8,7 @@ train/test from the row's ``split``, sessions without interaction dropped. A tra
 query, one of its relevant items (drawn per step) and one random corpus item that is not relevant
 (drawn per step in the transform), all as ``<s> text </s>`` sentencepiece ids.
 
-Loss: DPR's InfoNCE over the batch's positives and random negatives (``dpr_loss``).
+Loss: DPR's InfoNCE over the batch's positives and random negatives (``trainers/losses/contrastive.py:dpr_loss``).
 
 Evaluation on the test sessions over the whole item corpus (``evaluate_retrieval``, ScaNN above ~20k
 items): ``recall@k``, ``hit_rate@k``, ``mrr`` for k = 10, 20, 50 (the ANN's numbers when one ran,
@@ -34,26 +34,10 @@ from flax import nnx
 from data_pipelines.kuaisearch import examples as ex
 from models.kuaisearch_text import DualEncoder, DualEncoderConfig
 from models.text_encoder import TextEncoderConfig, l2_normalize
+from trainers.losses import dpr_loss
 from trainers.tasks import Batch, EvalContext, Metrics, Task, Tower, register
 
 MODEL_NAMES = {"dpr_sde": True, "dpr_ade": False}  # name -> shared encoder
-
-
-def dpr_loss(queries: jax.Array, positives: jax.Array, negatives: jax.Array,
-             scale: jax.Array | float) -> tuple[jax.Array, jax.Array]:
-    """DPR's loss (Karpukhin et al. 2020, Eq. 2) with in-batch and extra negatives.
-
-    ``queries, positives, negatives [b, d]``: query i's positive is ``positives[i]``; its negatives
-    are every other positive and all ``b`` negatives (one random item per query). Scores are
-    ``scale * q·d`` over the ``2b`` documents -> ``(mean -log softmax(score)_i, in-batch accuracy)``.
-    """
-    docs = jnp.concatenate([positives, negatives], axis=0)                                # [2b, d]
-    logits = scale * jnp.einsum("qd,kd->qk", queries, docs, preferred_element_type=jnp.float32)  # [b, 2b]
-    # The positive scores directly (not a diagonal gather): see trainers/losses.py:info_nce.
-    pos = scale * jnp.sum(queries.astype(jnp.float32) * positives.astype(jnp.float32), axis=-1)
-    loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) - pos)
-    accuracy = jnp.mean((pos >= jnp.max(logits, axis=-1)).astype(jnp.float32))
-    return loss, accuracy
 
 
 # ----------------------------------------------------------------------------- shared with relevance

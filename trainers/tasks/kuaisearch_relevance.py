@@ -26,14 +26,13 @@ import pathlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from data_pipelines.kuaisearch import examples as ex
 from models.kuaisearch_text import BiEncoderScorer, CrossEncoder, DualEncoderConfig
+from trainers.losses import binary_relevance_loss
 from trainers.tasks import Batch, EvalContext, Metrics, Task, Tower, register
 from trainers.tasks.kuaisearch_recall import batched, data_root, encoder_config, load_tokenizer
 
@@ -143,9 +142,7 @@ class KuaiSearchRelevanceTask(Task):
             logits = model(batch["ids"], batch["mask"], batch["token_type_ids"])
         else:
             logits = model(batch["query_ids"], batch["query_mask"], batch["item_ids"], batch["item_mask"])
-        labels = batch["label"].astype(jnp.float32)
-        loss = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
-        accuracy = jnp.mean(((logits > 0).astype(jnp.float32) == labels).astype(jnp.float32))
+        loss, accuracy = binary_relevance_loss(logits, batch["label"])
         return loss, {"accuracy": accuracy}
 
     def transform(self):

@@ -3,7 +3,7 @@
 Model (``config.model.name``): ``tigerfg`` (text-conditioned visual slots + appearance branch),
 ``clip`` (item = image only) or ``late_fusion`` (item = image CLS + text, added). See ``models/tigerfg.py``.
 
-Loss = ``sum_t config.loss.t * L_t`` over the terms of ``trainers/tigerfg_losses.py`` (a weight of 0
+Loss = ``sum_t config.loss.t * L_t`` over the terms of ``trainers/losses/tigerfg.py`` (a weight of 0
 switches a term off; terms a variant cannot compute, e.g. text terms for ``clip``, are skipped):
 
 * ``q2i``  query -> item InfoNCE, in-batch negatives + image–text-mismatch hard negatives (the item
@@ -55,8 +55,8 @@ from data_pipelines.ecom_rf_immr.pipeline import MosaicGroupedSource
 from models.text_encoder import TextEncoderConfig, l2_normalize, mean_pool
 from models.tigerfg import TigerFGConfig, box_patch_mask, build_model, teacher_vit
 from models.vit import ViT, ViTConfig
+from trainers.losses import i2v_loss, q2i_loss, sdd_loss, srd_loss, v2t_loss
 from trainers.tasks import Batch, EvalContext, Metrics, Task, Tower, register
-from trainers.tigerfg_losses import i2v_loss, q2i_loss, sdd_loss, srd_loss, v2t_loss
 
 LAYOUTS = ("normal", "mosaic")
 
