@@ -14,15 +14,13 @@ Evaluation on the test sessions over the whole item corpus (``evaluate_retrieval
 items): ``recall@k``, ``hit_rate@k``, ``mrr`` for k = 10, 20, 50 (the ANN's numbers when one ran,
 else the exact ones; ``exact/...`` always), and the trivial baselines computed on the same queries:
 ``popularity/...`` (items ranked by train click count) and, with ``eval.bm25``, ``bm25/...``
-(Okapi BM25 over the same token ids).
+(Okapi BM25 over the same token ids), both from ``trainers/evaluators/baselines.py``. Data: the
+``RecallWorld`` and ``RecallTransform`` of ``data_pipelines/kuaisearch/``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import pathlib
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -32,6 +30,8 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines.kuaisearch import examples as ex
+from data_pipelines.kuaisearch.transforms import RecallTransform
+from data_pipelines.kuaisearch.worlds import RecallWorld, batched
 from models.kuaisearch_text import DualEncoder, DualEncoderConfig
 from models.text_encoder import TextEncoderConfig, l2_normalize
 from trainers.losses import dpr_loss
@@ -47,117 +47,6 @@ def encoder_config(m: ml_collections.ConfigDict, vocab_size: int, *, pooler: boo
     """The BERT-family encoder of ``config.model`` (``hidden, depth, heads, mlp_dim, max_positions``)."""
     return TextEncoderConfig(vocab_size=vocab_size, hidden=m.hidden, depth=m.depth, heads=m.heads,
                              mlp_dim=m.mlp_dim, max_len=m.max_positions, type_vocab=2, pooler=pooler)
-
-
-def data_root(config: ml_collections.ConfigDict) -> pathlib.Path:
-    """``data.root`` when set, else the cached synthetic world of ``data.synthetic``."""
-    if config.data.root:
-        root = pathlib.Path(config.data.root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"data.root {root} is not a folder (a KuaiSearch JSONL folder or the "
-                                    f"output of `ecomax data prepare kuaisearch`)")
-        return root
-    return ex.synthetic_world(config.data.synthetic.to_dict())
-
-
-def load_tokenizer(config: ml_collections.ConfigDict, root: pathlib.Path):
-    from data_pipelines.tokenizer import Tokenizer  # noqa: PLC0415
-
-    d = config.data
-    tok = Tokenizer.load(ex.tokenizer_path(root, d.tokenizer, d.tokenizer_vocab_size, d.tokenizer_model_type))
-    if config.model.vocab_size and tok.vocab_size > config.model.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} pieces but model.vocab_size is "
-                         f"{config.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer")
-    return tok
-
-
-def batched(n: int, size: int):
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
-
-
-# ----------------------------------------------------------------------------- data
-
-
-@dataclasses.dataclass
-class RecallWorld:
-    """Everything the recall task reads, loaded once."""
-
-    root: pathlib.Path
-    tokenizer: Any
-    corpus: ex.ItemCorpus
-    queries: dict[str, list[ex.RecallQuery]]
-    clicks: dict[int, int]                       # train click count per item id
-
-    @classmethod
-    def load(cls, config: ml_collections.ConfigDict) -> RecallWorld:
-        root = data_root(config)
-        rows = ex.read_rows(root, "recall")
-        corpus = ex.ItemCorpus.from_rows(ex.read_rows(root, "items"))
-        if len(corpus) < 2:
-            raise ValueError(f"{root}: the item corpus has {len(corpus)} items; recall needs at least 2")
-        return cls(root, load_tokenizer(config, root), corpus, ex.recall_queries(rows), dict(ex.click_counts(rows)))
-
-
-class RecallTransform:
-    """``RecallPair -> {query_ids, query_mask, pos_ids, pos_mask, neg_ids, neg_mask}`` (one positive
-    drawn from the pair's relevant items, one negative from the rest of the corpus)."""
-
-    def __init__(self, tokenizer: Any, item_texts: Sequence[str], query_len: int, item_len: int):
-        self.tokenizer, self.item_texts = tokenizer, item_texts
-        self.query_len, self.item_len = query_len, item_len
-
-    def __call__(self, pair: ex.RecallPair, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        pos = pair.positive_rows[int(rng.integers(len(pair.positive_rows)))]
-        neg = ex.sample_negative(rng, len(self.item_texts), pair.positive_rows)
-        q_ids, q_mask = ex.encode_texts(self.tokenizer, [pair.query], self.query_len)
-        i_ids, i_mask = ex.encode_texts(self.tokenizer, [self.item_texts[pos], self.item_texts[neg]], self.item_len)
-        return {"query_ids": q_ids[0], "query_mask": q_mask[0], "pos_ids": i_ids[0], "pos_mask": i_mask[0],
-                "neg_ids": i_ids[1], "neg_mask": i_mask[1]}
-
-
-# ----------------------------------------------------------------------------- baselines
-
-
-def bm25_search(query_ids: np.ndarray, query_mask: np.ndarray, doc_ids: np.ndarray, doc_mask: np.ndarray,
-                k: int, *, k1: float = 1.2, b: float = 0.75, vocab_size: int | None = None) -> np.ndarray:
-    """Okapi BM25 (Robertson & Zaragoza 2009, Eq. 3.30 with the Lucene idf ``log(1 + (N - df + .5)/(df + .5))``)
-    over token ids. ``[q, sq]``, ``[n, sd]`` ids and masks (special ids < 4 are ignored) -> top-``k`` doc
-    rows ``[q, min(k, n)]`` best first (ties: lower row)."""
-    import scipy.sparse as sp  # noqa: PLC0415
-
-    v = int(vocab_size or max(int(doc_ids.max(initial=0)), int(query_ids.max(initial=0))) + 1)
-    n = doc_ids.shape[0]
-    keep = doc_mask & (doc_ids >= 4)
-    rows = np.repeat(np.arange(n), keep.sum(1))
-    tf = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, doc_ids[keep])), shape=(n, v))
-    tf.sum_duplicates()
-    dl = np.asarray(tf.sum(1)).ravel()
-    df = np.bincount(tf.indices, minlength=v)
-    idf = np.log1p((n - df + 0.5) / (df + 0.5)).astype(np.float32)
-    norm = k1 * (1 - b + b * dl / max(dl.mean(), 1e-9))
-    w = tf.copy()
-    w.data = (w.data * (k1 + 1) / (w.data + np.repeat(norm, np.diff(w.indptr)))) * idf[w.indices]
-    wt = w.T.tocsr()                                                      # [v, n]
-    qkeep = query_mask & (query_ids >= 4)
-    qrows = np.repeat(np.arange(query_ids.shape[0]), qkeep.sum(1))
-    qm = sp.csr_matrix((np.ones(qrows.size, np.float32), (qrows, query_ids[qkeep])), shape=(query_ids.shape[0], v))
-    qm.data[:] = 1.0  # a query term counts once
-    out = []
-    chunk = max(1, min(256, (1 << 26) // max(n, 1)))  # score block of at most 64M floats
-    for s in batched(query_ids.shape[0], chunk):
-        scores = (qm[s] @ wt).toarray()                                    # [chunk, n]
-        idx, _ = _topk_rows(scores, k)
-        out.append(idx)
-    return np.concatenate(out) if out else np.zeros((0, min(k, n)), np.int64)
-
-
-def _topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    vals = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -vals), axis=-1)
-    return np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
 
 
 # ----------------------------------------------------------------------------- task
@@ -184,7 +73,7 @@ class KuaiSearchRecallTask(Task):
 
     @functools.cached_property
     def world(self) -> RecallWorld:
-        return RecallWorld.load(self.config)
+        return RecallWorld.load(self.config.data, max_vocab=self.config.model.vocab_size)
 
     @property
     def cosine(self) -> bool:
@@ -212,10 +101,7 @@ class KuaiSearchRecallTask(Task):
 
     def train_source(self):
         w, d = self.world, self.config.data
-        pairs = ex.recall_training_pairs(w.queries.get("train", []), w.corpus)
-        if not pairs:
-            raise ValueError(f"{w.root}: no training session has a clicked or purchased item in the item corpus")
-        return pairs, RecallTransform(w.tokenizer, w.corpus.texts, d.query_len, d.item_len)
+        return w.training_pairs(), RecallTransform(w.tokenizer, w.corpus.texts, d.query_len, d.item_len)
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         d = self.config.data
@@ -255,21 +141,15 @@ class KuaiSearchRecallTask(Task):
 
     # --- evaluation -----------------------------------------------------------------------------------
 
-    def eval_queries(self) -> list[ex.RecallQuery]:
-        queries = self.world.queries.get(self.config.eval.split, [])
-        if not queries:
-            raise ValueError(f"{self.world.root}: no {self.config.eval.split!r} session with interactions")
-        cap = self.config.eval.max_queries
-        return queries[:cap] if cap else queries
-
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         from trainers.evaluators import metrics  # noqa: PLC0415
+        from trainers.evaluators.baselines import bm25_search, popularity_ranking  # noqa: PLC0415
         from trainers.evaluators.retrieval import evaluate_retrieval  # noqa: PLC0415
 
         w, d, e = self.world, self.config.data, self.config.eval
         ks = tuple(int(k) for k in e.ks)
         towers = self.towers()
-        queries = self.eval_queries()
+        queries = w.eval_queries(e.split, e.max_queries)
         relevant = [q.relevant for q in queries]
         q_ids, q_mask = ex.encode_texts(w.tokenizer, [q.query for q in queries], d.query_len)
         i_ids, i_mask = ex.encode_texts(w.tokenizer, w.corpus.texts, d.item_len)
@@ -287,7 +167,7 @@ class KuaiSearchRecallTask(Task):
             if key in res:
                 out[key] = res[key]
 
-        top = ex.popularity_ranking(w.corpus, w.clicks, max(ks))
+        top = popularity_ranking(w.corpus.ids, w.clicks, max(ks))
         pop = metrics.retrieval_metrics(np.broadcast_to(top, (len(queries), top.size)), relevant, ks)
         out.update({f"popularity/{k}": v for k, v in pop.items() if not k.startswith("num_")})
         if e.bm25:

@@ -9,21 +9,20 @@ item_title, brand, seller_name, attr_value; record i % 10 == 0 is test, 1% of th
 
 Models (``models/kuaisearch_text.py``): ``model.name=cross`` reads ``<s> query </s> text </s>``
 (segments 0/1) and maps the pooled CLS to a logit; ``model.name=bi`` embeds query and text with one
-shared encoder and scores ``scale * cos + bias``. Loss: binary cross-entropy on the logit.
+shared encoder and scores ``scale * cos + bias``. Loss: binary cross-entropy on the logit
+(``trainers/losses/relevance.py``).
 
 Evaluation on ``eval.split`` (default test): ``roc_auc``, ``pr_auc``, ``accuracy`` and ``macro_f1``
 (threshold: probability 0.5), ``logloss``, ``positive_rate``; and the majority-class baseline on the
 same records (the most frequent train label predicted for all): ``majority/accuracy``,
 ``majority/macro_f1``, ``majority/roc_auc`` (0.5: a constant score) and ``majority/pr_auc`` (the
-positive rate).
+positive rate), from ``trainers/evaluators/metrics.py``. Data: the ``RelevanceWorld`` and the
+transforms of ``data_pipelines/kuaisearch/``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import pathlib
-from typing import Any
 
 import jax
 import ml_collections
@@ -31,48 +30,15 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines.kuaisearch import examples as ex
+from data_pipelines.kuaisearch.transforms import BiTransform, CrossTransform, stack
+from data_pipelines.kuaisearch.worlds import RelevanceWorld, batched
 from models.kuaisearch_text import BiEncoderScorer, CrossEncoder, DualEncoderConfig
+from trainers.evaluators.metrics import classification_metrics, majority_metrics
 from trainers.losses import binary_relevance_loss
 from trainers.tasks import Batch, EvalContext, Metrics, Task, Tower, register
-from trainers.tasks.kuaisearch_recall import batched, data_root, encoder_config, load_tokenizer
+from trainers.tasks.kuaisearch_recall import encoder_config
 
 MODEL_NAMES = ("cross", "bi")
-
-
-@dataclasses.dataclass
-class RelevanceWorld:
-    root: pathlib.Path
-    tokenizer: Any
-    splits: dict[str, list[ex.RelevanceExample]]
-
-    @classmethod
-    def load(cls, config: ml_collections.ConfigDict) -> RelevanceWorld:
-        root = data_root(config)
-        return cls(root, load_tokenizer(config, root), ex.relevance_splits(ex.read_rows(root, "relevance")))
-
-
-class CrossTransform:
-    """``RelevanceExample -> {ids, mask, token_type_ids, label}`` (one ``<s> q </s> text </s>`` row)."""
-
-    def __init__(self, tokenizer: Any, max_len: int):
-        self.tokenizer, self.max_len = tokenizer, max_len
-
-    def __call__(self, e: ex.RelevanceExample, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-        ids, mask, types = ex.encode_pairs(self.tokenizer, [e.query], [e.text], self.max_len)
-        return {"ids": ids[0], "mask": mask[0], "token_type_ids": types[0], "label": np.float32(e.label)}
-
-
-class BiTransform:
-    """``RelevanceExample -> {query_ids, query_mask, item_ids, item_mask, label}``."""
-
-    def __init__(self, tokenizer: Any, query_len: int, item_len: int):
-        self.tokenizer, self.query_len, self.item_len = tokenizer, query_len, item_len
-
-    def __call__(self, e: ex.RelevanceExample, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-        q_ids, q_mask = ex.encode_texts(self.tokenizer, [e.query], self.query_len)
-        i_ids, i_mask = ex.encode_texts(self.tokenizer, [e.text], self.item_len)
-        return {"query_ids": q_ids[0], "query_mask": q_mask[0], "item_ids": i_ids[0], "item_mask": i_mask[0],
-                "label": np.float32(e.label)}
 
 
 def _cross_logits(model: CrossEncoder, ids: jax.Array, mask: jax.Array, types: jax.Array) -> jax.Array:
@@ -92,27 +58,6 @@ def _bi_item(model: BiEncoderScorer, ids: jax.Array, mask: jax.Array) -> jax.Arr
     return model.embed_item(ids, mask)
 
 
-def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
-    """labels [n] in {0, 1}, logits [n] -> roc_auc, pr_auc, accuracy, macro_f1 (at p = 0.5), logloss."""
-    from trainers.evaluators import metrics  # noqa: PLC0415
-
-    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    preds = (logits > 0).astype(np.int64)
-    return {"roc_auc": metrics.roc_auc(labels, logits), "pr_auc": metrics.pr_auc(labels, logits),
-            "accuracy": metrics.accuracy(labels, preds), "macro_f1": metrics.macro_f1(labels, preds),
-            "logloss": metrics.logloss(labels, probs)}
-
-
-def majority_metrics(labels: np.ndarray, majority: int) -> dict[str, float]:
-    """The constant predictor ``majority`` on ``labels``: accuracy, macro_f1, roc_auc (0.5), pr_auc (prevalence)."""
-    from trainers.evaluators import metrics  # noqa: PLC0415
-
-    const = np.full(labels.shape, majority, np.int64)
-    return {"accuracy": metrics.accuracy(labels, const), "macro_f1": metrics.macro_f1(labels, const),
-            "roc_auc": metrics.roc_auc(labels, const.astype(np.float64)),
-            "pr_auc": metrics.pr_auc(labels, const.astype(np.float64))}
-
-
 @register("kuaisearch_relevance")
 class KuaiSearchRelevanceTask(Task):
     def __init__(self, config: ml_collections.ConfigDict):
@@ -122,7 +67,7 @@ class KuaiSearchRelevanceTask(Task):
 
     @functools.cached_property
     def world(self) -> RelevanceWorld:
-        return RelevanceWorld.load(self.config)
+        return RelevanceWorld.load(self.config.data, max_vocab=self.config.model.vocab_size)
 
     @property
     def cross(self) -> bool:
@@ -152,10 +97,7 @@ class KuaiSearchRelevanceTask(Task):
         return BiTransform(self.world.tokenizer, d.query_len, d.max_len)
 
     def train_source(self):
-        train = self.world.splits["train"]
-        if not train:
-            raise ValueError(f"{self.world.root}: no relevance training records")
-        return train, self.transform()
+        return self.world.records("train"), self.transform()
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         d, b = self.config.data, batch_size
@@ -182,8 +124,7 @@ class KuaiSearchRelevanceTask(Task):
         """Logits ``[n]`` of ``records`` under the model in ``ctx``."""
         tf, out = self.transform(), []
         for s in batched(len(records), self.config.eval.batch_size):
-            rows = [tf(e) for e in records[s]]
-            arrays = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+            arrays = stack([tf(e) for e in records[s]])
             if self.cross:
                 out.append(ctx.apply(_cross_logits, arrays["ids"], arrays["mask"], arrays["token_type_ids"]))
             else:
@@ -193,11 +134,7 @@ class KuaiSearchRelevanceTask(Task):
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         e = self.config.eval
-        records = self.world.splits[e.split]
-        cap = e.max_records
-        records = records[:cap] if cap else records
-        if not records:
-            raise ValueError(f"{self.world.root}: the relevance {e.split!r} split is empty")
+        records = self.world.records(e.split, e.max_records)
         labels = np.array([r.label for r in records], np.int64)
         out: dict[str, float] = {"num_records": len(records), "positive_rate": float(labels.mean())}
         out.update(classification_metrics(labels, self.score(ctx, records)))
