@@ -1,12 +1,12 @@
 """ECom-RF-IMMR as the TIGER-FG task reads it: the dataset folder, the tokenizer, the training source with
 a negative item text per example, and the evaluation sets.
 
-    root = dataset_root(config.data)       # data.data_dir, else synthesised once into the ecomax cache
+    root = dataset_root(config.data)       # data.root, else synthesised once into the ecomax cache
     tok = load_tokenizer(config.data.tokenizer or root / "spm.model", max_vocab=config.model.text.vocab_size)
     source, transform = training_source(open_split(root / "data", "train"), base_transform, tok, config.data, ...)
 
 A dataset folder holds ``data/`` (the built ArrayRecord dataset, ``builder.build``) and ``spm.model`` (a
-sentencepiece model on the training item texts). With ``data.data_dir`` empty it is synthesised once per
+sentencepiece model on the training item texts). With ``data.root`` empty it is synthesised once per
 parameter set (``synthetic.synthesize`` + ``builder.build`` + the tokenizer, ``data_pipelines.cache``).
 
 Negative text per example (keys ``neg_ids``, ``neg_mask``, ``neg_index``, ``NegativeTextTransform``): with
@@ -117,10 +117,10 @@ def build_synthetic(folder: pathlib.Path, *, items: int, queries_per_item: int, 
 
 
 def dataset_root(data: Any) -> pathlib.Path:
-    """``data.data_dir`` (a folder with ``data/`` and ``spm.model``), else the synthetic dataset of ``data``
+    """``data.root`` (a folder with ``data/`` and ``spm.model``), else the synthetic dataset of ``data``
     (``num_items``, ``queries_per_item``, ``synth_seed``, ``synth_image_size``, ``vocab_size``), built once."""
-    if data.get("data_dir"):
-        return pathlib.Path(data.data_dir)
+    if data.get("root"):
+        return pathlib.Path(data.root)
     from data_pipelines.cache import cached_dataset  # noqa: PLC0415
 
     params = {"items": data.num_items, "queries_per_item": data.queries_per_item, "seed": data.synth_seed,

@@ -10,8 +10,8 @@ folder). Rows are featurized by ``rank_features.RankFeaturizer`` (joined with th
 Evaluation (``evaluate``): on the test split, ``logloss`` and ``roc_auc`` of the model, and the constant
 predictor alongside: ``constant/logloss`` = log loss of always predicting the train positive rate,
 ``constant/roc_auc`` = 0.5; ``logloss_gain`` = constant minus model (positive = better than constant);
-plus the test size, positive rates and the join misses of the test rows; ``data.max_eval_examples`` (0: all)
-evenly spaced test rows, in batches of ``data.eval_batch_size``. Loss: ``trainers/losses/ranking.py``.
+plus the test size, positive rates and the join misses of the test rows; ``eval.max_examples`` (0: all)
+evenly spaced test rows, in batches of ``eval.batch_size``. Loss: ``trainers/losses/ranking.py``.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class KuaiSearchRankTask(Task):
 
     def featurized(self, split: str) -> tuple[rf.FeaturizedSource, rf.JoinStats]:
         """A split ("train" | "test") featurized once into stacked arrays, and its join misses."""
-        return self.world.featurized(split, self.feature_config(), self.config.data.max_eval_examples, self.progress)
+        return self.world.featurized(split, self.feature_config(), self.config.eval.max_examples, self.progress)
 
     # --- evaluation -----------------------------------------------------------------------------------
 
@@ -115,13 +115,13 @@ class KuaiSearchRankTask(Task):
 
     def predict(self, ctx: EvalContext) -> tuple[np.ndarray, np.ndarray, rf.JoinStats]:
         """(labels, probabilities, join stats) over the evaluated test rows."""
-        size = self.config.data.eval_batch_size
+        size = self.config.eval.batch_size
         if self.config.data.materialize:
             source, stats = self.featurized("test")
             batches = source.batches(size)
         else:
             featurize = self.world.featurizer(self.feature_config())
-            test = self.world.test_examples(self.config.data.max_eval_examples)[0]
+            test = self.world.test_examples(self.config.eval.max_examples)[0]
             batches, stats = eval_batches(test, size, lambda r: featurize(r)), featurize.stats
         labels, probs = [], []
         for batch in batches:

@@ -149,7 +149,7 @@ class KuaiSearchRecallTask(Task):
         w, d, e = self.world, self.config.data, self.config.eval
         ks = tuple(int(k) for k in e.ks)
         towers = self.towers()
-        queries = w.eval_queries(e.split, e.max_queries)
+        queries = w.eval_queries(e.split, e.max_examples)
         relevant = [q.relevant for q in queries]
         q_ids, q_mask = ex.encode_texts(w.tokenizer, [q.query for q in queries], d.query_len)
         i_ids, i_mask = ex.encode_texts(w.tokenizer, w.corpus.texts, d.item_len)

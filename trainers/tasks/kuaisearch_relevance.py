@@ -134,7 +134,7 @@ class KuaiSearchRelevanceTask(Task):
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         e = self.config.eval
-        records = self.world.records(e.split, e.max_records)
+        records = self.world.records(e.split, e.max_examples)
         labels = np.array([r.label for r in records], np.int64)
         out: dict[str, float] = {"num_records": len(records), "positive_rate": float(labels.mean())}
         out.update(classification_metrics(labels, self.score(ctx, records)))

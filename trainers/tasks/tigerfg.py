@@ -16,14 +16,14 @@ optimizer can update it and checkpoints do not carry it: a random-feature teache
 ``teacher`` subtree of the parameters, frozen by ``optimizer.frozen="^teacher/"`` (no update, no optimizer
 state), filled from the pretrained checkpoint when the run starts and carried by checkpoints.
 
-Data (``data_pipelines/ecom_rf_immr/world.py``): the built dataset of ``data.data_dir`` (with
+Data (``data_pipelines/ecom_rf_immr/world.py``): the built dataset of ``data.root`` (with
 ``data.tokenizer``), else ECom-RF-IMMR synthesised once per parameter set; training examples carry a
 negative item text (``neg_ids``, ``neg_mask``, ``neg_index``: another target of the same mosaic canvas,
 else another product), and with ``data.mosaic_batches`` the items of one canvas share a global batch (the
 loader's index shuffle is then off, ``Task.shuffle``). ``evaluate`` embeds the unique test items with the
 item tower and the test queries with the query tower, and scores Normal and Mosaic queries separately
 (gallery = all test items, with their normal images resp. their mosaic canvases), in batches of
-``data.eval_batch_size``. Slot heat maps: ``trainers/evaluators/heatmaps.py``.
+``eval.batch_size``. Slot heat maps: ``trainers/evaluators/heatmaps.py``.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class TigerFGTask(Task):
 
     @functools.cached_property
     def root(self) -> pathlib.Path:
-        """Folder with ``data/`` (the built dataset) and ``spm.model``: ``data.data_dir``, else synthesised once."""
+        """Folder with ``data/`` (the built dataset) and ``spm.model``: ``data.root``, else synthesised once."""
         return world.dataset_root(self.config.data)
 
     @functools.cached_property
@@ -202,7 +202,7 @@ class TigerFGTask(Task):
         return self._eval_sets
 
     def embed(self, ctx: EvalContext, fn, *arrays: np.ndarray) -> np.ndarray:
-        bs = self.config.data.eval_batch_size
+        bs = self.config.eval.batch_size
         return np.concatenate([ctx.apply(fn, *(a[i:i + bs] for a in arrays))
                                for i in range(0, len(arrays[0]), bs)])
 

@@ -6,6 +6,9 @@ shows the same class (shape, colour, pattern, size).
 
 from __future__ import annotations
 
+import types
+from typing import Any
+
 import jax
 import numpy as np
 from flax import nnx
@@ -54,14 +57,27 @@ class TwoTowerTask(Task):
                                                                               np.uint8)}),
                 "text": Tower(_embed_texts, {"tokens": jax.ShapeDtypeStruct((d.max_words,), np.int32)})}
 
+    def heldout(self, size: int | None = None) -> shapes.ShapesSource:
+        """The held-out world that evaluation searches and export indexes: another seed than training."""
+        d = self.config.data
+        return shapes.ShapesSource(size or d.num_eval, d.image_size, d.max_words, seed=self.config.seed + 10_007)
+
+    def export_corpus(self, name: str = "eval", size: int | None = None) -> Any:
+        """The held-out images as ``(ids [n], (uint8 images,))`` batches (duck-typed ``launch.export.Corpus``)."""
+        if name != "eval":
+            raise ValueError(f"two_tower has one export corpus, 'eval' (the held-out images); got {name!r}")
+        source, bs = self.heldout(size), self.config.eval.batch_size
+        batches = ((np.arange(i, i + len(b["image"]), dtype=np.int64), (b["image"],))
+                   for i, b in zip(range(0, len(source), bs), eval_batches(source, bs)))
+        return types.SimpleNamespace(tower="image", batches=batches, description={
+            "name": name, "size": len(source), "source": "ShapesSource", "seed": source.seed,
+            "ids": "example index in the source"})
+
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         from trainers.evaluators.retrieval import evaluate_retrieval
 
-        d = self.config.data
-        # A held-out world: another seed than the training source.
-        source = shapes.ShapesSource(d.num_eval, d.image_size, d.max_words, seed=self.config.seed + 10_007)
         image_emb, text_emb, labels = [], [], []
-        for batch in eval_batches(source, d.eval_batch_size):
+        for batch in eval_batches(self.heldout(), self.config.eval.batch_size):
             image_emb.append(ctx.apply(_embed_images, batch["image"]))
             text_emb.append(ctx.apply(_embed_texts, batch["tokens"]))
             labels.append(batch["label"])
