@@ -139,6 +139,23 @@ def load_tokenizer(path: str | pathlib.Path, max_vocab: int):
     return tok
 
 
+def open_split(root: str | pathlib.Path, split: str):
+    """The records of ``split`` in the dataset folder ``root`` (its ``data/`` ArrayRecord dataset)."""
+    from data_pipelines.ecom_rf_immr.builder import open_split as open_built  # noqa: PLC0415
+
+    return open_built(pathlib.Path(root) / "data", split)
+
+
+def record_transform(data: Any, tokenizer, *, train: bool):
+    """The per-record ``RecordTransform`` of ``data`` (``image_size``, ``max_text_len``, ``query_crop_scale``):
+    augmented query crops, flips and item augmentation when ``train``."""
+    from data_pipelines.ecom_rf_immr.pipeline import AugmentConfig, make_transform  # noqa: PLC0415
+
+    aug = AugmentConfig(query_crop_scale=tuple(data.query_crop_scale), hflip_prob=0.5, augment_item=True)
+    return make_transform(image_size=data.image_size, tokenizer=tokenizer, max_text_len=data.max_text_len,
+                          train=train, augment=aug)
+
+
 def training_source(src, base_transform, tokenizer, data: Any, *, batch_size: int, steps: int,
                     seed: int) -> tuple[Any, NegativeTextTransform]:
     """The training records of ``src`` (without mosaic canvases unless ``data.mosaic_training``), mosaic-grouped

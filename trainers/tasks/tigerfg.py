@@ -9,12 +9,10 @@ switches a term off; terms a variant cannot compute, e.g. text terms for ``clip`
 (box region <-> item text), ``i2v`` (region -> fused item), ``srd`` (patch-relation distillation inside
 the box) and ``sdd`` (similarity-distribution distillation from a teacher that sees the boxed target).
 
-By default the teacher is a frozen ViT that is **not a parameter**: it is rebuilt inside the step from
-``config.teacher.seed`` (XLA computes the weights from the seed; outputs are ``stop_gradient``-ed), so no
-optimizer can update it and checkpoints do not carry it: a random-feature teacher. With
-``--set init_from.teacher.path=HF_VIT_FOLDER`` (or ``teacher.in_params=True``) the teacher is instead a
-``teacher`` subtree of the parameters, frozen by ``optimizer.frozen="^teacher/"`` (no update, no optimizer
-state), filled from the pretrained checkpoint when the run starts and carried by checkpoints.
+By default the teacher is a frozen random-feature ViT that is **not a parameter**: rebuilt inside the step
+from ``config.teacher.seed`` (outputs ``stop_gradient``-ed), never updated, not in checkpoints. With
+``--set init_from.teacher.path=HF_VIT_FOLDER`` (or ``teacher.in_params=True``) it is a ``teacher`` subtree
+of the parameters instead, frozen by ``optimizer.frozen="^teacher/"`` and filled from the checkpoint.
 
 Data (``data_pipelines/ecom_rf_immr/world.py``): the built dataset of ``data.root`` (with
 ``data.tokenizer``), else ECom-RF-IMMR synthesised once per parameter set; training examples carry a
@@ -152,17 +150,10 @@ class TigerFGTask(Task):
         return world.load_tokenizer(path, self.config.model.text.vocab_size)
 
     def _split(self, split: str):
-        from data_pipelines.ecom_rf_immr.builder import open_split
-
-        return open_split(self.root / "data", split)
+        return world.open_split(self.root, split)
 
     def transform(self, train: bool):
-        from data_pipelines.ecom_rf_immr.pipeline import AugmentConfig, make_transform
-
-        d = self.config.data
-        aug = AugmentConfig(query_crop_scale=tuple(d.query_crop_scale), hflip_prob=0.5, augment_item=True)
-        return make_transform(image_size=d.image_size, tokenizer=self.tokenizer, max_text_len=d.max_text_len,
-                              train=train, augment=aug)
+        return world.record_transform(self.config.data, self.tokenizer, train=train)
 
     def train_source(self):
         t = self.config.train
