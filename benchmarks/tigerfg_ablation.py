@@ -40,7 +40,7 @@ class Result:
     metrics: dict[str, float]
     train_seconds: float
     final_loss: float
-    heatmaps: object | None = None  # trainers.tasks.tigerfg.HeatMaps for TIGER-FG variants
+    heatmaps: object | None = None  # trainers.evaluators.heatmaps.HeatMaps for TIGER-FG variants
 
 
 def machine() -> str:
@@ -65,7 +65,7 @@ def train_variant(config, workdir: pathlib.Path, *, heatmap_items: int = 4) -> R
     from trainers.loop import Trainer
     from trainers.state import init_state
     from trainers.tasks import EvalContext
-    from trainers.tasks.tigerfg import slot_heatmaps
+    from trainers.evaluators.heatmaps import slot_heatmaps
 
     trainer = Trainer.create(config, workdir)
     step = trainer.compiled_step()

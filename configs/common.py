@@ -49,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Pretrained towers: name -> init_from_entry(target); an empty path = not used (trainers/init_from.py).
     c.init_from = ml_collections.ConfigDict()
 
+    # Evaluation: every config's evaluator reads its batch (``eval.batch_size``) and, where it caps the
+    # evaluated examples, ``eval.max_examples`` (0: all) from here.
+    c.eval = ml_collections.ConfigDict()
+
     c.data = ml_collections.ConfigDict()
     c.data.read_threads = 4
     c.data.prefetch = 16

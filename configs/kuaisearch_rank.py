@@ -70,11 +70,12 @@ def get_config(arg: str = "tiny"):
     d.ngrams = (1, 2)
     d.tokenizer = ""       # a SentencePiece .model when text == "sentencepiece"
     d.test_fraction = 0.1  # the time-based split when the rows' split field does not separate them
-    d.eval_batch_size = 1024 if tiny else 8192
-    d.max_eval_examples = 0        # 0: every test row
     d.base_rate_rows = 1_000_000   # train rows read for the constant predictor's rate (evenly spaced)
     d.materialize = tiny  # featurize each split once into arrays (small worlds only)
     d.read_threads = 4
     d.worker_count = 0 if tiny else 8
     d.progress = True
+
+    c.eval.batch_size = 1024 if tiny else 8192
+    c.eval.max_examples = 0        # 0: every test row (else that many, evenly spaced)
     return c

@@ -43,12 +43,11 @@ def get_config(arg: str = "tiny"):
     c.data.query_len = 16 if tiny else 64
     c.data.item_len = 48 if tiny else 64
 
-    c.eval = ml_collections.ConfigDict()
     c.eval.split = "test"
     c.eval.ks = (10, 20, 50)
     c.eval.ann = "auto"                 # auto: ScaNN above ~20k items | scann | exact
     c.eval.batch_size = 256 if tiny else 1024
-    c.eval.max_queries = 0              # 0: every test session
+    c.eval.max_examples = 0             # 0: every test session
     c.eval.bm25 = True
 
     c.train.batch_size = 64

@@ -40,10 +40,9 @@ def get_config(arg: str = "tiny"):
     c.data.max_len = 96 if tiny else 512   # cross: the pair; bi: the item text
     c.data.query_len = 16 if tiny else 64  # bi only
 
-    c.eval = ml_collections.ConfigDict()
     c.eval.split = "test"               # test | validation | train
     c.eval.batch_size = 256 if tiny else 64
-    c.eval.max_records = 0              # 0: all
+    c.eval.max_examples = 0             # 0: all
 
     c.train.batch_size = 32 if tiny else 16
     c.train.steps = 300 if tiny else 100_000

@@ -82,9 +82,9 @@ def get_config(arg: str = "tiny"):
     c.data.mosaic_grouping = True      # negative text from another target of the same canvas
     c.data.mosaic_batches = False      # put the items of one canvas in the same global batch (no index shuffle)
     c.data.eval_split = "test"
-    c.data.eval_batch_size = 256 if base else 128
-    # Synthetic ECom-RF-IMMR (built once into the ecomax cache); data_dir/tokenizer name real data instead.
-    c.data.data_dir = ""
+    c.eval.batch_size = 256 if base else 128
+    # Synthetic ECom-RF-IMMR (built once into the ecomax cache); root/tokenizer name a built dataset instead.
+    c.data.root = ""
     c.data.tokenizer = ""
     c.data.num_items = items or 20_000
     c.data.queries_per_item = queries or 4

@@ -41,5 +41,5 @@ def get_config(arg: str = "tiny"):
     c.data.num_train = num_train
     c.data.in_memory = arg in ("tiny", "demo")  # render small sets once: an example costs more than a step
     c.data.num_eval = 512 if arg == "tiny" else 2048
-    c.data.eval_batch_size = 256
+    c.eval.batch_size = 256
     return c

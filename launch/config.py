@@ -54,7 +54,24 @@ def all_keys(config: Mapping[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
+# Keys that were renamed (old -> new): one vocabulary across tasks. A config or an override that still uses
+# an old key is rejected with the new one named.
+RENAMED = {
+    "data.data_dir": "data.root",
+    "data.eval_batch_size": "eval.batch_size",
+    "data.max_eval_examples": "eval.max_examples",
+    "eval.max_queries": "eval.max_examples",
+    "eval.max_records": "eval.max_examples",
+}
+
+
+def _renamed(key: str) -> ConfigError:
+    return ConfigError(f"{key} was renamed: use {RENAMED[key]}")
+
+
 def _unknown_key(config: ml_collections.ConfigDict, key: str) -> ConfigError:
+    if key in RENAMED:
+        return _renamed(key)
     close = difflib.get_close_matches(key, all_keys(config), n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint}")
@@ -132,6 +149,9 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Check the keys every trainer reads; errors name the key and what is wrong."""
+    for key in all_keys(config):
+        if key in RENAMED:
+            raise _renamed(key)
     for dotted, kind in _REQUIRED.items():
         try:
             value = _get(config, dotted)

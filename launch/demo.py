@@ -115,7 +115,7 @@ def _heatmaps(out: pathlib.Path, run: DemoRun):
     from trainers.loop import Trainer
     from trainers.state import abstract_state
     from trainers.tasks import EvalContext
-    from trainers.tasks.tigerfg import slot_heatmaps
+    from trainers.evaluators.heatmaps import slot_heatmaps
 
     workdir = out / "runs" / run.name
     config = load_config(str(REPO / run.config), run.overrides)

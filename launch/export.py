@@ -189,10 +189,11 @@ def flatten_params(params: Any) -> dict[str, np.ndarray]:
     """``{"image/blocks/0/up/kernel": array, ...}``: each leaf's tree path joined with ``/``, as host numpy."""
     import jax
 
+    from models.partitioning import path_name
+
     flat = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        flat[name] = np.asarray(jax.device_get(leaf))
+        flat[path_name(path)] = np.asarray(jax.device_get(leaf))
     return flat
 
 
@@ -200,8 +201,10 @@ def unflatten_params(flat: dict[str, Any], like: Any) -> Any:
     """The inverse of ``flatten_params`` for a tree shaped like ``like`` (e.g. ``ModelSpec.abstract_params``)."""
     import jax
 
+    from models.partitioning import path_name
+
     paths, treedef = jax.tree_util.tree_flatten_with_path(like)
-    names = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) for path, _ in paths]
+    names = [path_name(path) for path, _ in paths]
     missing = [n for n in names if n not in flat]
     extra = sorted(set(flat) - set(names))
     if missing or extra:
@@ -307,8 +310,10 @@ def restore_params(export_dir: str | os.PathLike[str], *, sharding: Any = None, 
 def flatten_params_names(tree: Any) -> Iterator[str]:
     import jax
 
+    from models.partitioning import path_name
+
     for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        yield "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        yield path_name(path)
 
 
 def export_safetensors(trained: Trained, out: pathlib.Path, dtype: str | None) -> dict[str, Any]:

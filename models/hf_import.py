@@ -36,6 +36,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from models.partitioning import path_name
 from models.text_encoder import TextEncoder, TextEncoderConfig
 from models.vit import ViT, ViTConfig
 
@@ -492,7 +493,7 @@ def _abstract_params(family: Family, config: Config) -> dict[str, jax.ShapeDtype
     """{'encoder/blocks/0/attn/qkv_kernel': ShapeDtypeStruct, ...} of the ecomax module, without allocating."""
     with nnx.use_eager_sharding(False):
         state = nnx.state(nnx.eval_shape(lambda: family.build(config, rngs=nnx.Rngs(0))))
-    return {"/".join(str(getattr(k, "key", k)) for k in path): var.get_value()
+    return {path_name(path): var.get_value()
             for path, var in nnx.to_flat_state(state)}
 
 
@@ -574,7 +575,7 @@ def load_hf(path: str | pathlib.Path, *, family: str | None = None, skip: Sequen
 
         with nnx.use_eager_sharding(False):
             fresh = jax.jit(init)()
-        fresh_flat = {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v.get_value())
+        fresh_flat = {path_name(p): np.asarray(v.get_value())
                       for p, v in nnx.to_flat_state(fresh)}
         for name in targets:
             if filled.get(name) != {"all"}:

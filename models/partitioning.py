@@ -44,8 +44,14 @@ def logical_to_spec(axes: LogicalAxes, rules: Rules) -> PartitionSpec:
     return PartitionSpec(*spec)
 
 
-def _path_str(path: tuple[Any, ...]) -> str:
-    return "/".join(str(getattr(p, "key", p)) for p in path)
+def path_name(path: Sequence[Any]) -> str:
+    """A parameter's path as one ``a/b/0/kernel`` string, the names optimizer regexes, ``init_from`` targets
+    and exported tensors use.
+
+    ``path`` is a key path of an ``nnx`` flat state (plain strings and ints), of ``jax.tree_util``
+    (``DictKey.key``, ``SequenceKey.idx``) or a list of strings; each entry becomes its key, index or ``str``.
+    """
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def param_logical_axes(abstract_state: nnx.State) -> dict:
@@ -62,10 +68,10 @@ def param_logical_axes(abstract_state: nnx.State) -> dict:
                 names = ()
             else:
                 raise ValueError(
-                    f"parameter {_path_str(path)} {tuple(shape)} has no logical axis names: create it with "
+                    f"parameter {path_name(path)} {tuple(shape)} has no logical axis names: create it with "
                     "nnx.with_partitioning(init, (...)) or nnx.Param(value, out_sharding=(...))")
         if len(names) != len(shape):
-            raise ValueError(f"parameter {_path_str(path)}: {len(names)} logical names {tuple(names)} "
+            raise ValueError(f"parameter {path_name(path)}: {len(names)} logical names {tuple(names)} "
                              f"for shape {tuple(shape)}")
         flat[path] = tuple(names)
     return _unflatten(flat)

@@ -370,8 +370,3 @@ def build_model(cfg: RankingConfig, rngs: nnx.Rngs) -> nnx.Module:
     """The ranking model named by ``cfg.name``."""
     return MODELS[cfg.name](cfg, rngs)
 
-
-def sigmoid_cross_entropy(logits: Array, labels: Array) -> Array:
-    """Mean binary log loss from logits (the CTR objective): ``mean(softplus(z) - y z)``. ``[b], [b] -> []``."""
-    z = logits.astype(jnp.float32)
-    return jnp.mean(jax.nn.softplus(z) - labels.astype(jnp.float32) * z)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -61,3 +62,19 @@ def test_cli_rejects_typo_before_compiling(tmp_path, capsys):
     assert code == 2
     assert "did you mean 'optimizer.learning_rate'" in capsys.readouterr().err
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("old,new", [("data.data_dir", "data.root"), ("data.eval_batch_size", "eval.batch_size"),
+                                     ("data.max_eval_examples", "eval.max_examples"),
+                                     ("eval.max_queries", "eval.max_examples"),
+                                     ("eval.max_records", "eval.max_examples")])
+def test_renamed_keys_are_rejected_naming_the_new_key(old, new, tmp_path):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(old)} was renamed: use {re.escape(new)}$"):
+        load_test_config("configs/kuaisearch_recall.py:tiny", f"{old}=1")
+    # a config file that still defines the old key is refused too
+    group, leaf = old.split(".")
+    file = tmp_path / "old_keys.py"
+    file.write_text("from configs.common import base_config\n\n\ndef get_config(arg):\n    c = base_config()\n"
+                    f"    c.task = 'two_tower'\n    c.{group}.{leaf} = 1\n    return c\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(old)} was renamed: use {re.escape(new)}$"):
+        load_config(str(file))

@@ -168,7 +168,7 @@ def test_eval_apply_batches_and_caches_compiled_functions(tmp_path):
 
 
 def test_kuaisearch_recall_does_not_retrace_across_evaluations(tmp_path):
-    config = load_test_config("configs/kuaisearch_recall.py:tiny", "train.steps=1", "eval.max_queries=16")
+    config = load_test_config("configs/kuaisearch_recall.py:tiny", "train.steps=1", "eval.max_examples=16")
     trainer = Trainer.create(config, tmp_path)
     compiled = trainer.compiled_step()
     state = trainer.init_state(compiled.tx, compiled.shardings)

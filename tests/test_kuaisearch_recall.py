@@ -10,9 +10,10 @@ from flax import nnx
 
 from conftest import load_test_config
 from data_pipelines.kuaisearch import examples as ex
+from trainers.evaluators.baselines import bm25_search
 from trainers.loop import Trainer
+from trainers.losses import dpr_loss
 from trainers.tasks import get_task
-from trainers.tasks.kuaisearch_recall import bm25_search, dpr_loss
 
 
 def _row(sid, clicked, purchased, split="train", query="q"):

@@ -13,9 +13,9 @@ import pytest
 
 from conftest import load_test_config
 from data_pipelines.kuaisearch import examples as ex
+from trainers.evaluators.metrics import majority_metrics
 from trainers.loop import Trainer
 from trainers.tasks import get_task
-from trainers.tasks.kuaisearch_relevance import majority_metrics
 
 
 def test_split_and_label_rules_on_the_real_demo(kuaisearch_demo_dir):

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from trainers.mesh import BATCH_AXES
-from trainers.tigerfg_losses import i2v_loss, q2i_loss, sdd_loss, srd_loss, v2t_loss
+from trainers.losses.tigerfg import i2v_loss, q2i_loss, sdd_loss, srd_loss, v2t_loss
 
 
 def _unit(rng, *shape):

@@ -18,6 +18,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from models.partitioning import path_name
+
 log = logging.getLogger(__name__)
 
 
@@ -39,7 +41,7 @@ def _replace(tree: dict, target: str, value: Any) -> dict:
     keys = _keys(target)
     if not keys:
         return value
-    return {**tree, keys[0]: _replace(tree[keys[0]], "/".join(map(str, keys[1:])), value)}
+    return {**tree, keys[0]: _replace(tree[keys[0]], path_name(keys[1:]), value)}
 
 
 def place(imported: Any, current: Any, shardings: Any, where: str) -> Any:

@@ -9,6 +9,8 @@ import jax
 import ml_collections
 import optax
 
+from models.partitioning import path_name
+
 
 def make_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to ``learning_rate``, then cosine (to ``end_lr_ratio``), linear or constant."""
@@ -22,14 +24,10 @@ def make_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def _path(path) -> str:
-    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
-
-
 def frozen_labels(params: Any, frozen: str) -> Any:
     """``"frozen"`` for parameters whose ``a/b/c`` path matches the regex ``frozen``, else ``"train"``."""
     pattern = re.compile(frozen) if frozen else None
-    return jax.tree.map_with_path(lambda path, _: "frozen" if pattern and pattern.search(_path(path)) else "train",
+    return jax.tree.map_with_path(lambda path, _: "frozen" if pattern and pattern.search(path_name(path)) else "train",
                                   params)
 
 
@@ -42,7 +40,7 @@ def decay_mask(params: Any, no_decay: str) -> Any:
     pattern = re.compile(no_decay) if no_decay else None
 
     def keep(path, leaf) -> bool:
-        return leaf.ndim >= 2 and not (pattern and pattern.search(_path(path)))
+        return leaf.ndim >= 2 and not (pattern and pattern.search(path_name(path)))
 
     return jax.tree.map_with_path(keep, params)
 

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from models.partitioning import Rules, logical_to_spec, param_logical_axes, tree_specs
+from models.partitioning import Rules, logical_to_spec, param_logical_axes, path_name, tree_specs
 from trainers.mesh import replicated
 
 
@@ -83,8 +83,9 @@ class ModelSpec:
 def _pure_params(model: nnx.Module) -> Any:
     graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
     if any(jax.tree.leaves(r) for r in rest):
-        extra = [("/".join(map(str, p)), type(v).__name__) for r in rest for p, v in nnx.to_flat_state(r)]
-        raise ValueError(f"models must hold only nnx.Param state; found {extra[:5]}")
+        extra = [(path_name(p), type(v).__name__) for r in rest for p, v in nnx.to_flat_state(r)]
+        raise ValueError(f"models must hold only nnx.Param state; found {extra[:5]} (state that is not a "
+                         "parameter belongs to the task: Task.init_extra)")
     return graphdef, nnx.to_pure_dict(params)
 
 

@@ -6,6 +6,8 @@
 * ``synthetic``: ``synthesize(out_dir, *, items, queries_per_item, seed, image_size) -> manifest``.
 * ``pipeline``: ``make_pipeline(...) -> grain.MapDataset``, the per-example ``RecordTransform``,
   batching helpers and mosaic-grouped ordering.
+* ``world``: what the TIGER-FG task reads (dataset folder, tokenizer, training source with negative
+  texts, evaluation sets).
 
 Names are loaded lazily so that importing the package does not import TFDS or grain.
 """

@@ -10,7 +10,8 @@ TFDS builders and a synthetic joinable world in the same schema.
 Submodules: ``schema`` (fields, ``validate``), ``records`` (TFDS features, fast tf.Example codec),
 ``prepare`` (parallel converter), ``reader`` (``open_split``), ``builders`` (TFDS
 GeneratorBasedBuilders, also for Apache Beam; import it to register the names), ``synthetic``
-(``synthesize``). TensorFlow-datasets itself is imported only when a function needs it.
+(``synthesize``); for the tasks: ``examples`` (recall and relevance examples), ``rank_features``,
+``worlds`` (what each task reads, prepared, cached and joined once) and ``transforms``. TensorFlow-datasets itself is imported only when a function needs it.
 
 ``kuaisearch.prepare`` is the submodule; the converter function is ``kuaisearch.prepare.prepare``
 (also exported as ``kuaisearch.prepare_kuaisearch``).

@@ -224,13 +224,6 @@ def click_counts(rows: Iterable[Mapping[str, Any]], split: str = "train") -> col
     return counts
 
 
-def popularity_ranking(corpus: ItemCorpus, counts: Mapping[int, int], k: int) -> np.ndarray:
-    """The ``k`` corpus ids with the most train clicks (ties: corpus order) -> ids ``[min(k, n)]``."""
-    c = np.array([counts.get(int(i), 0) for i in corpus.ids.tolist()], dtype=np.int64)
-    order = np.argsort(-c, kind="stable")[:k]
-    return corpus.ids[order]
-
-
 # ----------------------------------------------------------------------------- relevance
 
 

@@ -19,6 +19,9 @@ Classification (binary unless stated; every function returns a Python float):
 * ``macro_f1(labels, preds)``: unweighted mean over classes of ``2 tp / (2 tp + fp + fn)``, the
   classes being those present in ``labels`` or ``preds`` (equals sklearn's
   ``f1_score(average="macro")``).
+* ``classification_metrics(labels, logits)``: all of the above for a binary classifier's logits
+  (threshold: probability 0.5); ``majority_metrics(labels, majority)``: the same scores of the
+  constant predictor (the majority-class baseline).
 
 Retrieval: ``retrieved`` is ``[q, K]`` ids ranked best-first per query; ``relevant`` is either a
 sequence of ``q`` collections of ids (sets, lists, arrays; variable sizes) or a 1-D array ``[q]``
@@ -52,6 +55,7 @@ import numpy as np
 
 __all__ = [
     "accuracy",
+    "classification_metrics",
     "check_k",
     "flatten_relevant",
     "hit_matrix",
@@ -60,6 +64,7 @@ __all__ = [
     "id_kind",
     "logloss",
     "macro_f1",
+    "majority_metrics",
     "metrics_from_hits",
     "mrr",
     "pr_auc",
@@ -193,6 +198,26 @@ def macro_f1(labels: Any, preds: Any) -> float:
     # every class is in labels or preds, so true_count + pred_count > 0
     f1 = 2.0 * tp / (true_count + pred_count)
     return float(np.mean(f1))
+
+
+def classification_metrics(labels: Any, logits: Any) -> dict[str, float]:
+    """labels [n] in {0, 1}, logits [n] -> roc_auc, pr_auc, accuracy, macro_f1 (at p = 0.5), logloss."""
+    logits = np.asarray(logits)
+    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    preds = (logits > 0).astype(np.int64)
+    return {"roc_auc": roc_auc(labels, logits), "pr_auc": pr_auc(labels, logits),
+            "accuracy": accuracy(labels, preds), "macro_f1": macro_f1(labels, preds),
+            "logloss": logloss(labels, probs)}
+
+
+def majority_metrics(labels: Any, majority: int) -> dict[str, float]:
+    """The constant predictor ``majority`` on ``labels [n]``: accuracy, macro_f1, roc_auc (0.5), pr_auc
+    (the prevalence of class 1)."""
+    labels = np.asarray(labels)
+    const = np.full(labels.shape, majority, np.int64)
+    return {"accuracy": accuracy(labels, const), "macro_f1": macro_f1(labels, const),
+            "roc_auc": roc_auc(labels, const.astype(np.float64)),
+            "pr_auc": pr_auc(labels, const.astype(np.float64))}
 
 
 # ----------------------------------------------------------------------------- retrieval

@@ -8,21 +8,19 @@ train/test from the row's ``split``, sessions without interaction dropped. A tra
 query, one of its relevant items (drawn per step) and one random corpus item that is not relevant
 (drawn per step in the transform), all as ``<s> text </s>`` sentencepiece ids.
 
-Loss: DPR's InfoNCE over the batch's positives and random negatives (``dpr_loss``).
+Loss: DPR's InfoNCE over the batch's positives and random negatives (``trainers/losses/contrastive.py:dpr_loss``).
 
 Evaluation on the test sessions over the whole item corpus (``evaluate_retrieval``, ScaNN above ~20k
 items): ``recall@k``, ``hit_rate@k``, ``mrr`` for k = 10, 20, 50 (the ANN's numbers when one ran,
 else the exact ones; ``exact/...`` always), and the trivial baselines computed on the same queries:
 ``popularity/...`` (items ranked by train click count) and, with ``eval.bm25``, ``bm25/...``
-(Okapi BM25 over the same token ids).
+(Okapi BM25 over the same token ids), both from ``trainers/evaluators/baselines.py``. Data: the
+``RecallWorld`` and ``RecallTransform`` of ``data_pipelines/kuaisearch/``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import pathlib
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -32,28 +30,14 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines.kuaisearch import examples as ex
+from data_pipelines.kuaisearch.transforms import RecallTransform
+from data_pipelines.kuaisearch.worlds import RecallWorld, batched
 from models.kuaisearch_text import DualEncoder, DualEncoderConfig
 from models.text_encoder import TextEncoderConfig, l2_normalize
-from trainers.tasks import Batch, EvalContext, Metrics, Task, Tower, register
+from trainers.losses import dpr_loss
+from trainers.tasks import Batch, Corpus, EvalContext, Metrics, Task, Tower, register
 
 MODEL_NAMES = {"dpr_sde": True, "dpr_ade": False}  # name -> shared encoder
-
-
-def dpr_loss(queries: jax.Array, positives: jax.Array, negatives: jax.Array,
-             scale: jax.Array | float) -> tuple[jax.Array, jax.Array]:
-    """DPR's loss (Karpukhin et al. 2020, Eq. 2) with in-batch and extra negatives.
-
-    ``queries, positives, negatives [b, d]``: query i's positive is ``positives[i]``; its negatives
-    are every other positive and all ``b`` negatives (one random item per query). Scores are
-    ``scale * q·d`` over the ``2b`` documents -> ``(mean -log softmax(score)_i, in-batch accuracy)``.
-    """
-    docs = jnp.concatenate([positives, negatives], axis=0)                                # [2b, d]
-    logits = scale * jnp.einsum("qd,kd->qk", queries, docs, preferred_element_type=jnp.float32)  # [b, 2b]
-    # The positive scores directly (not a diagonal gather): see trainers/losses.py:info_nce.
-    pos = scale * jnp.sum(queries.astype(jnp.float32) * positives.astype(jnp.float32), axis=-1)
-    loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) - pos)
-    accuracy = jnp.mean((pos >= jnp.max(logits, axis=-1)).astype(jnp.float32))
-    return loss, accuracy
 
 
 # ----------------------------------------------------------------------------- shared with relevance
@@ -63,117 +47,6 @@ def encoder_config(m: ml_collections.ConfigDict, vocab_size: int, *, pooler: boo
     """The BERT-family encoder of ``config.model`` (``hidden, depth, heads, mlp_dim, max_positions``)."""
     return TextEncoderConfig(vocab_size=vocab_size, hidden=m.hidden, depth=m.depth, heads=m.heads,
                              mlp_dim=m.mlp_dim, max_len=m.max_positions, type_vocab=2, pooler=pooler)
-
-
-def data_root(config: ml_collections.ConfigDict) -> pathlib.Path:
-    """``data.root`` when set, else the cached synthetic world of ``data.synthetic``."""
-    if config.data.root:
-        root = pathlib.Path(config.data.root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"data.root {root} is not a folder (a KuaiSearch JSONL folder or the "
-                                    f"output of `ecomax data prepare kuaisearch`)")
-        return root
-    return ex.synthetic_world(config.data.synthetic.to_dict())
-
-
-def load_tokenizer(config: ml_collections.ConfigDict, root: pathlib.Path):
-    from data_pipelines.tokenizer import Tokenizer  # noqa: PLC0415
-
-    d = config.data
-    tok = Tokenizer.load(ex.tokenizer_path(root, d.tokenizer, d.tokenizer_vocab_size, d.tokenizer_model_type))
-    if config.model.vocab_size and tok.vocab_size > config.model.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} pieces but model.vocab_size is "
-                         f"{config.model.vocab_size}; raise model.vocab_size or use a smaller tokenizer")
-    return tok
-
-
-def batched(n: int, size: int):
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
-
-
-# ----------------------------------------------------------------------------- data
-
-
-@dataclasses.dataclass
-class RecallWorld:
-    """Everything the recall task reads, loaded once."""
-
-    root: pathlib.Path
-    tokenizer: Any
-    corpus: ex.ItemCorpus
-    queries: dict[str, list[ex.RecallQuery]]
-    clicks: dict[int, int]                       # train click count per item id
-
-    @classmethod
-    def load(cls, config: ml_collections.ConfigDict) -> RecallWorld:
-        root = data_root(config)
-        rows = ex.read_rows(root, "recall")
-        corpus = ex.ItemCorpus.from_rows(ex.read_rows(root, "items"))
-        if len(corpus) < 2:
-            raise ValueError(f"{root}: the item corpus has {len(corpus)} items; recall needs at least 2")
-        return cls(root, load_tokenizer(config, root), corpus, ex.recall_queries(rows), dict(ex.click_counts(rows)))
-
-
-class RecallTransform:
-    """``RecallPair -> {query_ids, query_mask, pos_ids, pos_mask, neg_ids, neg_mask}`` (one positive
-    drawn from the pair's relevant items, one negative from the rest of the corpus)."""
-
-    def __init__(self, tokenizer: Any, item_texts: Sequence[str], query_len: int, item_len: int):
-        self.tokenizer, self.item_texts = tokenizer, item_texts
-        self.query_len, self.item_len = query_len, item_len
-
-    def __call__(self, pair: ex.RecallPair, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        pos = pair.positive_rows[int(rng.integers(len(pair.positive_rows)))]
-        neg = ex.sample_negative(rng, len(self.item_texts), pair.positive_rows)
-        q_ids, q_mask = ex.encode_texts(self.tokenizer, [pair.query], self.query_len)
-        i_ids, i_mask = ex.encode_texts(self.tokenizer, [self.item_texts[pos], self.item_texts[neg]], self.item_len)
-        return {"query_ids": q_ids[0], "query_mask": q_mask[0], "pos_ids": i_ids[0], "pos_mask": i_mask[0],
-                "neg_ids": i_ids[1], "neg_mask": i_mask[1]}
-
-
-# ----------------------------------------------------------------------------- baselines
-
-
-def bm25_search(query_ids: np.ndarray, query_mask: np.ndarray, doc_ids: np.ndarray, doc_mask: np.ndarray,
-                k: int, *, k1: float = 1.2, b: float = 0.75, vocab_size: int | None = None) -> np.ndarray:
-    """Okapi BM25 (Robertson & Zaragoza 2009, Eq. 3.30 with the Lucene idf ``log(1 + (N - df + .5)/(df + .5))``)
-    over token ids. ``[q, sq]``, ``[n, sd]`` ids and masks (special ids < 4 are ignored) -> top-``k`` doc
-    rows ``[q, min(k, n)]`` best first (ties: lower row)."""
-    import scipy.sparse as sp  # noqa: PLC0415
-
-    v = int(vocab_size or max(int(doc_ids.max(initial=0)), int(query_ids.max(initial=0))) + 1)
-    n = doc_ids.shape[0]
-    keep = doc_mask & (doc_ids >= 4)
-    rows = np.repeat(np.arange(n), keep.sum(1))
-    tf = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, doc_ids[keep])), shape=(n, v))
-    tf.sum_duplicates()
-    dl = np.asarray(tf.sum(1)).ravel()
-    df = np.bincount(tf.indices, minlength=v)
-    idf = np.log1p((n - df + 0.5) / (df + 0.5)).astype(np.float32)
-    norm = k1 * (1 - b + b * dl / max(dl.mean(), 1e-9))
-    w = tf.copy()
-    w.data = (w.data * (k1 + 1) / (w.data + np.repeat(norm, np.diff(w.indptr)))) * idf[w.indices]
-    wt = w.T.tocsr()                                                      # [v, n]
-    qkeep = query_mask & (query_ids >= 4)
-    qrows = np.repeat(np.arange(query_ids.shape[0]), qkeep.sum(1))
-    qm = sp.csr_matrix((np.ones(qrows.size, np.float32), (qrows, query_ids[qkeep])), shape=(query_ids.shape[0], v))
-    qm.data[:] = 1.0  # a query term counts once
-    out = []
-    chunk = max(1, min(256, (1 << 26) // max(n, 1)))  # score block of at most 64M floats
-    for s in batched(query_ids.shape[0], chunk):
-        scores = (qm[s] @ wt).toarray()                                    # [chunk, n]
-        idx, _ = _topk_rows(scores, k)
-        out.append(idx)
-    return np.concatenate(out) if out else np.zeros((0, min(k, n)), np.int64)
-
-
-def _topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    vals = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -vals), axis=-1)
-    return np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
 
 
 # ----------------------------------------------------------------------------- task
@@ -200,7 +73,7 @@ class KuaiSearchRecallTask(Task):
 
     @functools.cached_property
     def world(self) -> RecallWorld:
-        return RecallWorld.load(self.config)
+        return RecallWorld.load(self.config.data, max_vocab=self.config.model.vocab_size)
 
     @property
     def cosine(self) -> bool:
@@ -228,35 +101,29 @@ class KuaiSearchRecallTask(Task):
 
     def train_source(self):
         w, d = self.world, self.config.data
-        pairs = ex.recall_training_pairs(w.queries.get("train", []), w.corpus)
-        if not pairs:
-            raise ValueError(f"{w.root}: no training session has a clicked or purchased item in the item corpus")
-        return pairs, RecallTransform(w.tokenizer, w.corpus.texts, d.query_len, d.item_len)
+        return w.training_pairs(), RecallTransform(w.tokenizer, w.corpus.texts, d.query_len, d.item_len)
 
-    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        d = self.config.data
-        spec = {}
+    def inputs(self) -> dict[str, jax.ShapeDtypeStruct]:
+        d, spec = self.config.data, {}
         for name, length in (("query", d.query_len), ("pos", d.item_len), ("neg", d.item_len)):
-            spec[f"{name}_ids"] = jax.ShapeDtypeStruct((batch_size, length), np.int32)
-            spec[f"{name}_mask"] = jax.ShapeDtypeStruct((batch_size, length), np.bool_)
+            spec[f"{name}_ids"] = jax.ShapeDtypeStruct((length,), np.int32)
+            spec[f"{name}_mask"] = jax.ShapeDtypeStruct((length,), np.bool_)
         return spec
 
+    @functools.cached_property
+    def _towers(self) -> dict[str, Tower]:
+        spec, norm = self.inputs(), self.cosine
+        return {"query": Tower(functools.partial(_embed_query, normalize=norm),
+                               {"query_ids": spec["query_ids"], "query_mask": spec["query_mask"]}),
+                "item": Tower(functools.partial(_embed_item, normalize=norm),
+                              {"item_ids": spec["pos_ids"], "item_mask": spec["pos_mask"]})}
+
     def towers(self) -> dict[str, Tower]:
-        d, norm = self.config.data, self.cosine
-        return {
-            "query": Tower(functools.partial(_embed_query, normalize=norm),
-                           {"query_ids": jax.ShapeDtypeStruct((d.query_len,), np.int32),
-                            "query_mask": jax.ShapeDtypeStruct((d.query_len,), np.bool_)}),
-            "item": Tower(functools.partial(_embed_item, normalize=norm),
-                          {"item_ids": jax.ShapeDtypeStruct((d.item_len,), np.int32),
-                           "item_mask": jax.ShapeDtypeStruct((d.item_len,), np.bool_)}),
-        }
+        return self._towers
 
-    def export_corpus(self, name: str = "eval", size: int | None = None) -> Any:
+    def export_corpus(self, name: str = "eval", size: int | None = None) -> Corpus:
         """The item corpus for ``ecomax export --format scann``: the ``item`` tower's inputs in batches of
-        ``(item ids [n], (ids, mask))`` (duck-typed ``launch.export.Corpus``; trainers do not import launch)."""
-        import types  # noqa: PLC0415
-
+        ``(item ids [n], (ids, mask))``."""
         if name not in ("eval", "items"):
             raise ValueError(f"kuaisearch_recall has one export corpus, 'eval' (every item); got {name!r}")
         w, d = self.world, self.config.data
@@ -266,33 +133,25 @@ class KuaiSearchRecallTask(Task):
             for s in batched(n, self.config.eval.batch_size):
                 yield w.corpus.ids[s], ex.encode_texts(w.tokenizer, w.corpus.texts[s], d.item_len)
 
-        return types.SimpleNamespace(tower="item", batches=batches(), description={
-            "name": name, "size": n, "source": str(w.root), "ids": "item_id", "text": "title brand categories"})
+        return Corpus("item", batches(), {"name": name, "size": n, "source": str(w.root), "ids": "item_id",
+                                          "text": "title brand categories"})
 
     # --- evaluation -----------------------------------------------------------------------------------
 
-    def eval_queries(self) -> list[ex.RecallQuery]:
-        queries = self.world.queries.get(self.config.eval.split, [])
-        if not queries:
-            raise ValueError(f"{self.world.root}: no {self.config.eval.split!r} session with interactions")
-        cap = self.config.eval.max_queries
-        return queries[:cap] if cap else queries
-
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         from trainers.evaluators import metrics  # noqa: PLC0415
+        from trainers.evaluators.baselines import bm25_search, popularity_ranking  # noqa: PLC0415
         from trainers.evaluators.retrieval import evaluate_retrieval  # noqa: PLC0415
 
         w, d, e = self.world, self.config.data, self.config.eval
         ks = tuple(int(k) for k in e.ks)
         towers = self.towers()
-        queries = self.eval_queries()
+        queries = w.eval_queries(e.split, e.max_examples)
         relevant = [q.relevant for q in queries]
         q_ids, q_mask = ex.encode_texts(w.tokenizer, [q.query for q in queries], d.query_len)
         i_ids, i_mask = ex.encode_texts(w.tokenizer, w.corpus.texts, d.item_len)
-        q_emb = np.concatenate([ctx.apply(towers["query"].fn, q_ids[s], q_mask[s])
-                                for s in batched(len(queries), e.batch_size)])
-        i_emb = np.concatenate([ctx.apply(towers["item"].fn, i_ids[s], i_mask[s])
-                                for s in batched(len(w.corpus), e.batch_size)])
+        q_emb = ctx.apply(towers["query"].fn, q_ids, q_mask, batch_size=e.batch_size)
+        i_emb = ctx.apply(towers["item"].fn, i_ids, i_mask, batch_size=e.batch_size)
         res = evaluate_retrieval(q_emb, i_emb, w.corpus.ids, relevant, ks=ks, ann=e.ann, normalize=self.cosine)
         src = "ann" if res.get("ann_kind", "none") != "none" else "exact"
         out: dict[str, Any] = {}
@@ -303,7 +162,7 @@ class KuaiSearchRecallTask(Task):
             if key in res:
                 out[key] = res[key]
 
-        top = ex.popularity_ranking(w.corpus, w.clicks, max(ks))
+        top = popularity_ranking(w.corpus.ids, w.clicks, max(ks))
         pop = metrics.retrieval_metrics(np.broadcast_to(top, (len(queries), top.size)), relevant, ks)
         out.update({f"popularity/{k}": v for k, v in pop.items() if not k.startswith("num_")})
         if e.bm25:

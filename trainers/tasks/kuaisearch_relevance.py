@@ -9,71 +9,36 @@ item_title, brand, seller_name, attr_value; record i % 10 == 0 is test, 1% of th
 
 Models (``models/kuaisearch_text.py``): ``model.name=cross`` reads ``<s> query </s> text </s>``
 (segments 0/1) and maps the pooled CLS to a logit; ``model.name=bi`` embeds query and text with one
-shared encoder and scores ``scale * cos + bias``. Loss: binary cross-entropy on the logit.
+shared encoder and scores ``scale * cos + bias``. Loss: binary cross-entropy on the logit
+(``trainers/losses/relevance.py``).
 
 Evaluation on ``eval.split`` (default test): ``roc_auc``, ``pr_auc``, ``accuracy`` and ``macro_f1``
 (threshold: probability 0.5), ``logloss``, ``positive_rate``; and the majority-class baseline on the
 same records (the most frequent train label predicted for all): ``majority/accuracy``,
 ``majority/macro_f1``, ``majority/roc_auc`` (0.5: a constant score) and ``majority/pr_auc`` (the
-positive rate).
+positive rate), from ``trainers/evaluators/metrics.py``. Data: the ``RelevanceWorld`` and the
+transforms of ``data_pipelines/kuaisearch/``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import pathlib
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from data_pipelines.kuaisearch import examples as ex
+from data_pipelines.kuaisearch.transforms import BiTransform, CrossTransform, stack
+from data_pipelines.kuaisearch.worlds import RelevanceWorld
 from models.kuaisearch_text import BiEncoderScorer, CrossEncoder, DualEncoderConfig
+from trainers.evaluators.metrics import classification_metrics, majority_metrics
+from trainers.losses import binary_relevance_loss
 from trainers.tasks import Batch, EvalContext, Metrics, Task, Tower, register
-from trainers.tasks.kuaisearch_recall import batched, data_root, encoder_config, load_tokenizer
+from trainers.tasks.kuaisearch_recall import encoder_config
 
 MODEL_NAMES = ("cross", "bi")
-
-
-@dataclasses.dataclass
-class RelevanceWorld:
-    root: pathlib.Path
-    tokenizer: Any
-    splits: dict[str, list[ex.RelevanceExample]]
-
-    @classmethod
-    def load(cls, config: ml_collections.ConfigDict) -> RelevanceWorld:
-        root = data_root(config)
-        return cls(root, load_tokenizer(config, root), ex.relevance_splits(ex.read_rows(root, "relevance")))
-
-
-class CrossTransform:
-    """``RelevanceExample -> {ids, mask, token_type_ids, label}`` (one ``<s> q </s> text </s>`` row)."""
-
-    def __init__(self, tokenizer: Any, max_len: int):
-        self.tokenizer, self.max_len = tokenizer, max_len
-
-    def __call__(self, e: ex.RelevanceExample, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-        ids, mask, types = ex.encode_pairs(self.tokenizer, [e.query], [e.text], self.max_len)
-        return {"ids": ids[0], "mask": mask[0], "token_type_ids": types[0], "label": np.float32(e.label)}
-
-
-class BiTransform:
-    """``RelevanceExample -> {query_ids, query_mask, item_ids, item_mask, label}``."""
-
-    def __init__(self, tokenizer: Any, query_len: int, item_len: int):
-        self.tokenizer, self.query_len, self.item_len = tokenizer, query_len, item_len
-
-    def __call__(self, e: ex.RelevanceExample, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-        q_ids, q_mask = ex.encode_texts(self.tokenizer, [e.query], self.query_len)
-        i_ids, i_mask = ex.encode_texts(self.tokenizer, [e.text], self.item_len)
-        return {"query_ids": q_ids[0], "query_mask": q_mask[0], "item_ids": i_ids[0], "item_mask": i_mask[0],
-                "label": np.float32(e.label)}
 
 
 def _cross_logits(model: CrossEncoder, ids: jax.Array, mask: jax.Array, types: jax.Array) -> jax.Array:
@@ -93,27 +58,6 @@ def _bi_item(model: BiEncoderScorer, ids: jax.Array, mask: jax.Array) -> jax.Arr
     return model.embed_item(ids, mask)
 
 
-def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
-    """labels [n] in {0, 1}, logits [n] -> roc_auc, pr_auc, accuracy, macro_f1 (at p = 0.5), logloss."""
-    from trainers.evaluators import metrics  # noqa: PLC0415
-
-    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    preds = (logits > 0).astype(np.int64)
-    return {"roc_auc": metrics.roc_auc(labels, logits), "pr_auc": metrics.pr_auc(labels, logits),
-            "accuracy": metrics.accuracy(labels, preds), "macro_f1": metrics.macro_f1(labels, preds),
-            "logloss": metrics.logloss(labels, probs)}
-
-
-def majority_metrics(labels: np.ndarray, majority: int) -> dict[str, float]:
-    """The constant predictor ``majority`` on ``labels``: accuracy, macro_f1, roc_auc (0.5), pr_auc (prevalence)."""
-    from trainers.evaluators import metrics  # noqa: PLC0415
-
-    const = np.full(labels.shape, majority, np.int64)
-    return {"accuracy": metrics.accuracy(labels, const), "macro_f1": metrics.macro_f1(labels, const),
-            "roc_auc": metrics.roc_auc(labels, const.astype(np.float64)),
-            "pr_auc": metrics.pr_auc(labels, const.astype(np.float64))}
-
-
 @register("kuaisearch_relevance")
 class KuaiSearchRelevanceTask(Task):
     def __init__(self, config: ml_collections.ConfigDict):
@@ -123,7 +67,7 @@ class KuaiSearchRelevanceTask(Task):
 
     @functools.cached_property
     def world(self) -> RelevanceWorld:
-        return RelevanceWorld.load(self.config)
+        return RelevanceWorld.load(self.config.data, max_vocab=self.config.model.vocab_size)
 
     @property
     def cross(self) -> bool:
@@ -143,9 +87,7 @@ class KuaiSearchRelevanceTask(Task):
             logits = model(batch["ids"], batch["mask"], batch["token_type_ids"])
         else:
             logits = model(batch["query_ids"], batch["query_mask"], batch["item_ids"], batch["item_mask"])
-        labels = batch["label"].astype(jnp.float32)
-        loss = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
-        accuracy = jnp.mean(((logits > 0).astype(jnp.float32) == labels).astype(jnp.float32))
+        loss, accuracy = binary_relevance_loss(logits, batch["label"])
         return loss, {"accuracy": accuracy}
 
     def transform(self):
@@ -155,55 +97,42 @@ class KuaiSearchRelevanceTask(Task):
         return BiTransform(self.world.tokenizer, d.query_len, d.max_len)
 
     def train_source(self):
-        train = self.world.splits["train"]
-        if not train:
-            raise ValueError(f"{self.world.root}: no relevance training records")
-        return train, self.transform()
+        return self.world.records("train"), self.transform()
 
-    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        d, b = self.config.data, batch_size
-        label = {"label": jax.ShapeDtypeStruct((b,), np.float32)}
+    def inputs(self) -> dict[str, jax.ShapeDtypeStruct]:
+        d = self.config.data
+        text = lambda n, dtype=np.int32: jax.ShapeDtypeStruct((n,), dtype)  # noqa: E731
+        label = {"label": jax.ShapeDtypeStruct((), np.float32)}
         if self.cross:
-            return {"ids": jax.ShapeDtypeStruct((b, d.max_len), np.int32),
-                    "mask": jax.ShapeDtypeStruct((b, d.max_len), np.bool_),
-                    "token_type_ids": jax.ShapeDtypeStruct((b, d.max_len), np.int32), **label}
-        return {"query_ids": jax.ShapeDtypeStruct((b, d.query_len), np.int32),
-                "query_mask": jax.ShapeDtypeStruct((b, d.query_len), np.bool_),
-                "item_ids": jax.ShapeDtypeStruct((b, d.max_len), np.int32),
-                "item_mask": jax.ShapeDtypeStruct((b, d.max_len), np.bool_), **label}
+            return {"ids": text(d.max_len), "mask": text(d.max_len, np.bool_), "token_type_ids": text(d.max_len),
+                    **label}
+        return {"query_ids": text(d.query_len), "query_mask": text(d.query_len, np.bool_),
+                "item_ids": text(d.max_len), "item_mask": text(d.max_len, np.bool_), **label}
 
     def towers(self) -> dict[str, Tower]:
         if self.cross:
             return {}
-        d = self.config.data
-        return {"query": Tower(_bi_query, {"query_ids": jax.ShapeDtypeStruct((d.query_len,), np.int32),
-                                           "query_mask": jax.ShapeDtypeStruct((d.query_len,), np.bool_)}),
-                "item": Tower(_bi_item, {"item_ids": jax.ShapeDtypeStruct((d.max_len,), np.int32),
-                                         "item_mask": jax.ShapeDtypeStruct((d.max_len,), np.bool_)})}
+        spec = self.inputs()
+        return {"query": Tower(_bi_query, {k: spec[k] for k in ("query_ids", "query_mask")}),
+                "item": Tower(_bi_item, {k: spec[k] for k in ("item_ids", "item_mask")})}
 
-    def score(self, ctx: EvalContext, records: list[ex.RelevanceExample]) -> np.ndarray:
+    def logits(self, ctx: EvalContext, records: list[ex.RelevanceExample]) -> np.ndarray:
         """Logits ``[n]`` of ``records`` under the model in ``ctx``."""
-        tf, out = self.transform(), []
-        for s in batched(len(records), self.config.eval.batch_size):
-            rows = [tf(e) for e in records[s]]
-            arrays = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-            if self.cross:
-                out.append(ctx.apply(_cross_logits, arrays["ids"], arrays["mask"], arrays["token_type_ids"]))
-            else:
-                out.append(ctx.apply(_bi_logits, arrays["query_ids"], arrays["query_mask"], arrays["item_ids"],
-                                     arrays["item_mask"]))
-        return np.concatenate(out).astype(np.float64)
+        arrays = stack([self.transform()(e) for e in records])
+        if self.cross:
+            out = ctx.apply(_cross_logits, arrays["ids"], arrays["mask"], arrays["token_type_ids"],
+                            batch_size=self.config.eval.batch_size)
+        else:
+            out = ctx.apply(_bi_logits, arrays["query_ids"], arrays["query_mask"], arrays["item_ids"],
+                            arrays["item_mask"], batch_size=self.config.eval.batch_size)
+        return out.astype(np.float64)
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         e = self.config.eval
-        records = self.world.splits[e.split]
-        cap = e.max_records
-        records = records[:cap] if cap else records
-        if not records:
-            raise ValueError(f"{self.world.root}: the relevance {e.split!r} split is empty")
+        records = self.world.records(e.split, e.max_examples)
         labels = np.array([r.label for r in records], np.int64)
         out: dict[str, float] = {"num_records": len(records), "positive_rate": float(labels.mean())}
-        out.update(classification_metrics(labels, self.score(ctx, records)))
+        out.update(classification_metrics(labels, self.logits(ctx, records)))
         majority = ex.majority_class([r.label for r in self.world.splits["train"]])
         out.update({f"majority/{k}": v for k, v in majority_metrics(labels, majority).items()})
         return out

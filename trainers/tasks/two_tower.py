@@ -11,10 +11,10 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines import shapes
-from data_pipelines.loader import InMemorySource, eval_batches
+from data_pipelines.loader import InMemorySource
 from models.two_tower import TwoTower, TwoTowerConfig
-from trainers.losses import symmetric_info_nce
 from trainers.flops import two_tower_forward
+from trainers.losses import symmetric_info_nce
 from trainers.tasks import Batch, Corpus, EvalContext, Metrics, Task, Tower, register
 
 
@@ -58,36 +58,30 @@ class TwoTowerTask(Task):
     def forward_flops(self, batch_size: int) -> dict[str, float]:
         return two_tower_forward(self.model_config(), batch_size)
 
-    def held_out(self, size: int | None = None) -> shapes.ShapesSource:
-        """The held-out world (another seed than the training source) that evaluation and export search."""
+    def heldout(self, size: int | None = None) -> dict[str, np.ndarray]:
+        """The held-out world that evaluation searches and export indexes (another seed than training)."""
         d = self.config.data
-        return shapes.ShapesSource(int(size or d.num_eval), d.image_size, d.max_words, seed=self.config.seed + 10_007)
+        source = shapes.ShapesSource(size or d.num_eval, d.image_size, d.max_words, seed=self.config.seed + 10_007)
+        return InMemorySource(source, "render held-out shapes").gather(np.arange(len(source)))
 
     def export_corpus(self, name: str = "eval", size: int | None = None) -> Corpus:
-        """The gallery: images of the held-out source, ids 0..n-1, embedded by the ``image`` tower."""
+        """The held-out images, ids 0..n-1, embedded by the ``image`` tower."""
         if name != "eval":
             raise ValueError(f"two_tower has one export corpus, 'eval' (the held-out images); got {name!r}")
-        source, bs = self.held_out(size), int(self.config.data.eval_batch_size)
-        batches = ((np.arange(s, min(s + bs, len(source))),
-                    (np.stack([source[i]["image"] for i in range(s, min(s + bs, len(source)))]),))
-                   for s in range(0, len(source), bs))
-        return Corpus("image", batches, {"name": name, "size": len(source), "source": "ShapesSource",
+        images, bs = self.heldout(size)["image"], self.config.eval.batch_size
+        batches = ((np.arange(s, s + len(images[s:s + bs])), (images[s:s + bs],)) for s in range(0, len(images), bs))
+        return Corpus("image", batches, {"name": name, "size": len(images), "source": "ShapesSource",
                                          "seed": self.config.seed + 10_007, "ids": "example index in the source"})
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         from trainers.evaluators.retrieval import evaluate_retrieval
 
-        d = self.config.data
-        source = self.held_out()
-        image_emb, text_emb, labels = [], [], []
-        for batch in eval_batches(source, d.eval_batch_size):
-            image_emb.append(ctx.apply(_embed_images, batch["image"]))
-            text_emb.append(ctx.apply(_embed_texts, batch["tokens"]))
-            labels.append(batch["label"])
-        labels = np.concatenate(labels)
+        data, bs = self.heldout(), self.config.eval.batch_size
+        labels = data["label"].tolist()
         by_class: dict[int, set[int]] = {}
-        for i, label in enumerate(labels.tolist()):
+        for i, label in enumerate(labels):
             by_class.setdefault(label, set()).add(i)
-        results = evaluate_retrieval(np.concatenate(text_emb), np.concatenate(image_emb), np.arange(len(labels)),
-                                     [by_class[label] for label in labels.tolist()], ks=(1, 5, 10), ann="exact")
+        results = evaluate_retrieval(ctx.apply(_embed_texts, data["tokens"], batch_size=bs),
+                                     ctx.apply(_embed_images, data["image"], batch_size=bs), np.arange(len(labels)),
+                                     [by_class[label] for label in labels], ks=(1, 5, 10), ann="exact")
         return {f"text_to_image/{k}": v for k, v in results.items()}

@@ -1,4 +1,4 @@
-"""Contrastive losses shared by the retrieval tasks."""
+"""Contrastive losses of the retrieval tasks: InfoNCE, CLIP's symmetric InfoNCE, DPR's loss."""
 
 from __future__ import annotations
 
@@ -27,3 +27,20 @@ def symmetric_info_nce(a: jax.Array, b: jax.Array, logit_scale: jax.Array, max_s
     """
     scale = jnp.exp(jnp.minimum(logit_scale.astype(jnp.float32), jnp.log(max_scale)))
     return 0.5 * (info_nce(a, b, scale) + info_nce(b, a, scale))
+
+
+def dpr_loss(queries: jax.Array, positives: jax.Array, negatives: jax.Array,
+             scale: jax.Array | float) -> tuple[jax.Array, jax.Array]:
+    """DPR's loss (Karpukhin et al. 2020, Eq. 2) with in-batch and extra negatives.
+
+    ``queries, positives, negatives [b, d]``: query i's positive is ``positives[i]``; its negatives
+    are every other positive and all ``b`` negatives (one random item per query). Scores are
+    ``scale * q·d`` over the ``2b`` documents -> ``(mean -log softmax(score)_i, in-batch accuracy)``.
+    """
+    docs = jnp.concatenate([positives, negatives], axis=0)                                # [2b, d]
+    logits = scale * jnp.einsum("qd,kd->qk", queries, docs, preferred_element_type=jnp.float32)  # [b, 2b]
+    # The positive scores directly (not a diagonal gather): see info_nce.
+    pos = scale * jnp.sum(queries.astype(jnp.float32) * positives.astype(jnp.float32), axis=-1)
+    loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) - pos)
+    accuracy = jnp.mean((pos >= jnp.max(logits, axis=-1)).astype(jnp.float32))
+    return loss, accuracy

@@ -1,0 +1,60 @@
+"""Per-example transforms of the KuaiSearch recall and relevance tasks: examples -> token-id arrays.
+
+Each is ``transform(example, rng) -> {name: array}`` (no batch dimension), as the grain loader calls it;
+the ids are ``<s> text </s>`` sentencepiece pieces (``examples.encode_texts`` / ``encode_pairs``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from data_pipelines.kuaisearch import examples as ex
+
+
+class RecallTransform:
+    """``RecallPair -> {query_ids, query_mask, pos_ids, pos_mask, neg_ids, neg_mask}`` (one positive
+    drawn from the pair's relevant items, one negative from the rest of the corpus)."""
+
+    def __init__(self, tokenizer: Any, item_texts: Sequence[str], query_len: int, item_len: int):
+        self.tokenizer, self.item_texts = tokenizer, item_texts
+        self.query_len, self.item_len = query_len, item_len
+
+    def __call__(self, pair: ex.RecallPair, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        pos = pair.positive_rows[int(rng.integers(len(pair.positive_rows)))]
+        neg = ex.sample_negative(rng, len(self.item_texts), pair.positive_rows)
+        q_ids, q_mask = ex.encode_texts(self.tokenizer, [pair.query], self.query_len)
+        i_ids, i_mask = ex.encode_texts(self.tokenizer, [self.item_texts[pos], self.item_texts[neg]], self.item_len)
+        return {"query_ids": q_ids[0], "query_mask": q_mask[0], "pos_ids": i_ids[0], "pos_mask": i_mask[0],
+                "neg_ids": i_ids[1], "neg_mask": i_mask[1]}
+
+
+class CrossTransform:
+    """``RelevanceExample -> {ids, mask, token_type_ids, label}`` (one ``<s> q </s> text </s>`` row)."""
+
+    def __init__(self, tokenizer: Any, max_len: int):
+        self.tokenizer, self.max_len = tokenizer, max_len
+
+    def __call__(self, e: ex.RelevanceExample, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        ids, mask, types = ex.encode_pairs(self.tokenizer, [e.query], [e.text], self.max_len)
+        return {"ids": ids[0], "mask": mask[0], "token_type_ids": types[0], "label": np.float32(e.label)}
+
+
+class BiTransform:
+    """``RelevanceExample -> {query_ids, query_mask, item_ids, item_mask, label}``."""
+
+    def __init__(self, tokenizer: Any, query_len: int, item_len: int):
+        self.tokenizer, self.query_len, self.item_len = tokenizer, query_len, item_len
+
+    def __call__(self, e: ex.RelevanceExample, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        q_ids, q_mask = ex.encode_texts(self.tokenizer, [e.query], self.query_len)
+        i_ids, i_mask = ex.encode_texts(self.tokenizer, [e.text], self.item_len)
+        return {"query_ids": q_ids[0], "query_mask": q_mask[0], "item_ids": i_ids[0], "item_mask": i_mask[0],
+                "label": np.float32(e.label)}
+
+
+def stack(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Transformed examples -> one batch: ``[{k: [...]}] * n -> {k: [n, ...]}``."""
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}

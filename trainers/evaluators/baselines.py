@@ -1,0 +1,61 @@
+"""Trivial baselines that evaluations report beside a trained model: BM25 and popularity.
+
+Pure numpy / scipy on the host, like ``metrics``: ``bm25_search`` ranks a corpus by Okapi BM25 over the
+same token ids the model reads; ``popularity_ranking`` gives every query the most clicked items.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+
+def bm25_search(query_ids: np.ndarray, query_mask: np.ndarray, doc_ids: np.ndarray, doc_mask: np.ndarray,
+                k: int, *, k1: float = 1.2, b: float = 0.75, vocab_size: int | None = None) -> np.ndarray:
+    """Okapi BM25 (Robertson & Zaragoza 2009, Eq. 3.30 with the Lucene idf ``log(1 + (N - df + .5)/(df + .5))``)
+    over token ids. ``[q, sq]``, ``[n, sd]`` ids and masks (special ids < 4 are ignored) -> top-``k`` doc
+    rows ``[q, min(k, n)]`` best first (ties: lower row)."""
+    import scipy.sparse as sp  # noqa: PLC0415
+
+    v = int(vocab_size or max(int(doc_ids.max(initial=0)), int(query_ids.max(initial=0))) + 1)
+    n = doc_ids.shape[0]
+    keep = doc_mask & (doc_ids >= 4)
+    rows = np.repeat(np.arange(n), keep.sum(1))
+    tf = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, doc_ids[keep])), shape=(n, v))
+    tf.sum_duplicates()
+    dl = np.asarray(tf.sum(1)).ravel()
+    df = np.bincount(tf.indices, minlength=v)
+    idf = np.log1p((n - df + 0.5) / (df + 0.5)).astype(np.float32)
+    norm = k1 * (1 - b + b * dl / max(dl.mean(), 1e-9))
+    w = tf.copy()
+    w.data = (w.data * (k1 + 1) / (w.data + np.repeat(norm, np.diff(w.indptr)))) * idf[w.indices]
+    wt = w.T.tocsr()                                                      # [v, n]
+    qkeep = query_mask & (query_ids >= 4)
+    qrows = np.repeat(np.arange(query_ids.shape[0]), qkeep.sum(1))
+    qm = sp.csr_matrix((np.ones(qrows.size, np.float32), (qrows, query_ids[qkeep])), shape=(query_ids.shape[0], v))
+    qm.data[:] = 1.0  # a query term counts once
+    out = []
+    chunk = max(1, min(256, (1 << 26) // max(n, 1)))  # score block of at most 64M floats
+    for start in range(0, query_ids.shape[0], chunk):
+        scores = (qm[start:start + chunk] @ wt).toarray()                  # [chunk, n]
+        idx, _ = _topk_rows(scores, k)
+        out.append(idx)
+    return np.concatenate(out) if out else np.zeros((0, min(k, n)), np.int64)
+
+
+def _topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``scores [q, n] -> (columns [q, min(k, n)], their scores)``, best first (ties: lower column)."""
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -vals), axis=-1)
+    return np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
+
+
+def popularity_ranking(item_ids: np.ndarray, counts: Mapping[int, int], k: int) -> np.ndarray:
+    """The ``k`` ids of ``item_ids [n]`` with the most train clicks ``counts`` (ties: corpus order) ->
+    ids ``[min(k, n)]``, the same ranking for every query."""
+    c = np.array([counts.get(int(i), 0) for i in item_ids.tolist()], dtype=np.int64)
+    order = np.argsort(-c, kind="stable")[:k]
+    return item_ids[order]
