@@ -242,6 +242,10 @@ def run_bench(config: Any, *, steps: int = 20, warmup: int = 3, pipeline_batches
     if steps < 1 or warmup < 0:
         raise BenchError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     trainer, compiled, report = compile_report(config, devices)
+    if trainer.hosted():
+        raise BenchError(f"task {config.task!r} scores its rollouts on the host (Task.score): its step is two "
+                         "programs and a host call; `ecomax bench --aot` compiles its rollout, timed runs are "
+                         "measured by the task's own benchmark")
     tx, _ = trainer.optimizer()
     state = trainer.init_state(tx, trainer.shardings(tx))
     batch_sh = trainer.batch_shardings()

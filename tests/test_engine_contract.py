@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO, load_test_config
 
 from trainers.checkpoints import Checkpointer
+from trainers.losses import group_advantages
 from trainers.loop import Trainer
 from trainers.tasks import EvalContext, Task
 
@@ -95,6 +96,16 @@ def test_grpo_rollout_task_learns_target_from_reward(tmp_path):
     assert 0.0 < result.metrics["kl"] < 10.0  # the reference policy (task state) is live in the loss
 
 
+def test_host_scored_task_lowers_its_rollout(tmp_path):
+    """Paper-scale compile checks without data: for a task with a host function, ``lower`` is its rollout."""
+    config = load_test_config(f"{TOY}:grpo")
+    trainer = Trainer.create(config, tmp_path)
+    assert trainer.hosted()
+    out = trainer.lower().out_info
+    assert out["tokens"].shape == (config.train.batch_size, len(config.model.target))
+    assert out["old_logp"].shape == out["tokens"].shape
+
+
 def test_fused_rollout_without_host_function_is_one_program(tmp_path):
     """A rollout task without ``score`` compiles rollout + updates into one jitted step (and lowers)."""
     import toy_tasks
@@ -104,11 +115,9 @@ def test_fused_rollout_without_host_function_is_one_program(tmp_path):
 
         def rollout(self, ctx, state, batch, rng):
             made = super().rollout(ctx, state, batch, rng)
-            target = jax.numpy.asarray(self.target)
-            reward = (made["tokens"] == target[None]).mean(1)
-            groups = reward.reshape(-1, self.config.rl.group)
-            adv = ((groups - groups.mean(1, keepdims=True)) / (groups.std(1, keepdims=True) + 1e-4)).reshape(-1)
-            return {**made, "reward": reward, "advantage": adv, "reward_mean": reward}
+            reward = (made["tokens"] == jax.numpy.asarray(self.target)[None]).mean(1)
+            return {**made, "reward": reward, "advantage": group_advantages(reward, self.config.rl.group),
+                    "reward_mean": reward}
 
     config = load_test_config(f"{TOY}:grpo", "train.steps=3")
     trainer = Trainer(config, tmp_path, DeviceReward(config), *_spec_and_mesh(config))
@@ -232,3 +241,23 @@ def test_kill_9_at_a_random_step_resumes_bitwise(tmp_path, arg, steps, every):
     assert resumed.returncode == 0, out
     assert "resuming at step" in out, out
     assert _metrics(workdir) == expected, f"killed at step {kill_at}"  # exact float equality, every metric
+
+
+@pytest.mark.slow
+def test_host_scored_rollouts_on_two_processes_match_one(tmp_path):
+    """2 processes x 2 devices: every process scores the gathered rollout and feeds its own rows back; the
+    run equals a 1 x 4 run (up to cross-process float summation order)."""
+
+    def launch(processes, devices, workdir):
+        cmd = [sys.executable, "-m", "launch.cli", "launch", "local", "--processes", str(processes),
+               "--devices-per-process", str(devices), "--timeout", "240", "--init-timeout", "60", "--",
+               "train", "--workdir", str(workdir), "--config", f"{REPO}/{TOY}:grpo", "--set", "train.steps=6"]
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return _metrics(workdir)
+
+    two, one = launch(2, 2, tmp_path / "two"), launch(1, 4, tmp_path / "one")
+    assert sorted(two) == sorted(one) == list(range(1, 7))
+    for step in one:
+        for key in ("reward", "reward_mean", "loss", "kl"):
+            assert two[step][key] == pytest.approx(one[step][key], rel=1e-4, abs=1e-6), (step, key)

@@ -26,6 +26,7 @@ from flax import nnx
 
 from configs.common import base_config
 from data_pipelines.loader import InMemorySource
+from trainers.losses import group_advantages, grpo_loss
 from trainers.mesh import BATCH_AXES
 from trainers.tasks import Batch, EvalContext, Task, register, with_axes
 
@@ -128,26 +129,6 @@ class Policy(nnx.Module):
 def token_logprobs(model: Policy, tokens: jax.Array) -> jax.Array:
     """``[b, L]`` log-probability of each sampled token."""
     return jnp.take_along_axis(model(tokens), tokens[..., None], axis=-1)[..., 0]
-
-
-def group_advantages(rewards: np.ndarray, group: int, eps: float = 1e-4) -> np.ndarray:
-    """GRPO's group-relative advantage (Shao et al. 2024, DeepSeekMath, Sec. 4.1.2): each reward minus its
-    group's mean, over the group's standard deviation. ``rewards [n]`` (n a multiple of ``group``) -> ``[n]``."""
-    r = rewards.reshape(-1, group)
-    return ((r - r.mean(1, keepdims=True)) / (r.std(1, keepdims=True) + eps)).reshape(-1).astype(np.float32)
-
-
-def grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array, advantages: jax.Array, *,
-              clip: float, kl: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """GRPO's objective (Shao et al. 2024, Eq. 3), negated: the PPO clipped surrogate of the per-token
-    ratio to the rollout-time policy, minus ``kl`` times the unbiased KL estimate to the reference (Eq. 4).
-    ``logp, old_logp, ref_logp [b, L]``, ``advantages [b]`` -> (scalar loss, metrics)."""
-    ratio = jnp.exp(logp - old_logp)
-    adv = advantages[:, None]
-    surrogate = jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - clip, 1 + clip) * adv)
-    log_ref_ratio = ref_logp - logp
-    kl_est = jnp.exp(log_ref_ratio) - log_ref_ratio - 1
-    return -jnp.mean(surrogate - kl * kl_est), {"kl": jnp.mean(kl_est), "ratio": jnp.mean(ratio)}
 
 
 @register("toy_grpo")

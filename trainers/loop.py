@@ -176,13 +176,19 @@ class Trainer:
         return Step(_HostScoredStep(task, rollout, update, shardings, batch_sh, self.mesh), tx, shardings, batch_sh)
 
     def lower(self) -> jax.stages.Lowered:
-        """The train step lowered for abstract state and batch: compiles paper-scale configs without memory."""
+        """The train step lowered for abstract state and batch: compiles paper-scale configs without memory.
+
+        For a task with a host function this is its rollout (the update compiles at the first step, once
+        the host's output shapes are known); ``hosted()`` tells which."""
         step = self.compiled_step()
-        if isinstance(step.fn, _HostScoredStep):
-            raise ValueError("a task with a host function (Task.score) compiles in two parts; lower those")
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=step.batch_shardings[k])
                  for k, v in self.task.batch_spec(self.config.train.batch_size).items()}
-        return step.fn.lower(self.abstract_state(step), batch)
+        fn = step.fn.rollout if isinstance(step.fn, _HostScoredStep) else step.fn
+        return fn.lower(self.abstract_state(step), batch)
+
+    def hosted(self) -> bool:
+        """Whether a train step runs a host function between two jitted calls (``Task.score``)."""
+        return self.task.overrides("rollout") and self.task.overrides("score")
 
     def abstract_state(self, step: Step) -> TrainState:
         return abstract_state(self.spec, step.tx, step.shardings, self.task.init_extra)

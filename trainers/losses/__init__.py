@@ -3,13 +3,15 @@
 * ``contrastive``: ``info_nce``, ``symmetric_info_nce`` (CLIP), ``dpr_loss`` (DPR);
 * ``tigerfg``: ``q2i_loss``, ``v2t_loss``, ``i2v_loss``, ``srd_loss``, ``sdd_loss`` (TIGER-FG);
 * ``ranking``: ``sigmoid_cross_entropy`` (the CTR objective);
-* ``relevance``: ``binary_relevance_loss`` (query–item match classification).
+* ``relevance``: ``binary_relevance_loss`` (query–item match classification);
+* ``grpo``: ``group_advantages``, ``grpo_loss`` (GRPO, for policies trained on their own rollouts).
 """
 
 from trainers.losses.contrastive import dpr_loss, info_nce, symmetric_info_nce
+from trainers.losses.grpo import group_advantages, grpo_loss
 from trainers.losses.ranking import sigmoid_cross_entropy
 from trainers.losses.relevance import binary_relevance_loss
 from trainers.losses.tigerfg import i2v_loss, q2i_loss, sdd_loss, srd_loss, v2t_loss
 
-__all__ = ["binary_relevance_loss", "dpr_loss", "i2v_loss", "info_nce", "q2i_loss", "sdd_loss",
-           "sigmoid_cross_entropy", "srd_loss", "symmetric_info_nce", "v2t_loss"]
+__all__ = ["binary_relevance_loss", "dpr_loss", "group_advantages", "grpo_loss", "i2v_loss", "info_nce",
+           "q2i_loss", "sdd_loss", "sigmoid_cross_entropy", "srd_loss", "symmetric_info_nce", "v2t_loss"]

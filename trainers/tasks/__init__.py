@@ -203,13 +203,16 @@ class EvalContext:
         the data axes; returns host numpy arrays (any pytree ``fn`` returns).
 
         ``arrays`` are host arrays of equal length, identical on every process. With ``batch_size`` they are
-        run in chunks of that many rows (the last padded, so one program serves every chunk) and the
-        outputs concatenated; without it, in one call (padded to a multiple of the data-parallel size).
+        run in chunks of that many rows (a short one padded: one program serves every call with that
+        ``batch_size``) and the outputs concatenated; without it, in one call (padded to a multiple of the
+        data-parallel size).
         ``replicated`` operands (a trie, a codebook table, ``ctx.extra``) go to every device whole.
         """
         n = len(arrays[0])
-        if batch_size is None or n <= batch_size:
+        if batch_size is None:
             return self._apply_batch(fn, arrays, replicated or {}, n)
+        if n <= batch_size:
+            return self._apply_batch(fn, arrays, replicated or {}, batch_size)
         outs = [self._apply_batch(fn, [a[s:s + batch_size] for a in arrays], replicated or {}, batch_size)
                 for s in range(0, n, batch_size)]
         return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *outs)
