@@ -20,6 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 3
     c.train.async_checkpoints = True
+    c.train.restore_step = 0           # >0: resume from exactly this checkpoint (newer ones are set aside)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"

@@ -10,7 +10,8 @@ restored params-only onto one device (the optimizer state is not read), with the
 ``WORKDIR/config.json``. ``--dtype bfloat16`` casts floating parameters. Every artifact folder holds
 ``config.json`` (the run's config) and ``export.json`` (format, step, config hash, dtype, the tensors or
 functions written). Export refuses a non-empty ``--out`` unless ``--force`` (which replaces only the
-files it writes), and a workdir without a finished checkpoint.
+files it writes), a workdir without a finished checkpoint, and a checkpoint whose files do not match
+its integrity record (``trainers.checkpoints``: the same check a resuming run makes).
 
 Formats
 -------
@@ -126,6 +127,25 @@ def load_config_json(path: pathlib.Path) -> Any:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
+def verify_checkpoint(workdir: pathlib.Path, step: int, steps: Sequence[int]) -> None:
+    """Check ``step``'s files against its integrity record, as a resuming run does; refuse a corrupt one."""
+    from trainers.checkpoints import IntegrityError, directory_uses_records, has_record, verify_step
+
+    directory = workdir.absolute() / "checkpoints"
+    step_dir = directory / str(step)
+    if not has_record(step_dir) and not directory_uses_records(directory):
+        print(f"ecomax export: warning: checkpoint step {step} has no integrity record (written before records "
+              "existed): exporting it unverified", file=sys.stderr)
+        return
+    try:
+        verify_step(step_dir, step)
+    except IntegrityError as e:
+        others = [s for s in steps if s != step]
+        hint = (f"other finished steps: {', '.join(map(str, others))} (pass --step N; each is verified the same way)"
+                if others else "there is no other finished step")
+        raise ExportError(f"{e} — not exporting it ({step_dir}); {hint}") from None
+
+
 def load_trained(workdir: str | os.PathLike[str], step: int | None = None) -> Trained:
     """Restore the parameters of ``workdir``'s checkpoint ``step`` (default: the newest finished one).
 
@@ -150,6 +170,7 @@ def load_trained(workdir: str | os.PathLike[str], step: int | None = None) -> Tr
         step = steps[-1]
     elif step not in steps:
         raise ExportError(f"{workdir} has no finished checkpoint at step {step}; finished steps: {steps}")
+    verify_checkpoint(workdir, step, steps)
     task = get_task(config)
     spec = model_spec(task.build_model)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -35,13 +35,35 @@ from trainers.tasks import EvalContext, Task, get_task, to_host
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient norm became NaN/Inf; the state was not updated past ``step``."""
+# A non-finite loss this many steps or fewer after a restore makes the restored checkpoint the suspect.
+SUSPECT_STEPS = 10
 
-    def __init__(self, step: int, last_checkpoint: int | None):
-        self.step = step
-        where = (f"the last good checkpoint (step {last_checkpoint}) is intact" if last_checkpoint is not None
-                 else "no checkpoint was written")
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN/Inf; the state was not updated past ``step``.
+
+    ``restored`` (the step the run resumed from) is named as the suspect when the failure comes within
+    ``SUSPECT_STEPS`` of it; ``older`` are the checkpoints before it that are still on disk.
+    """
+
+    def __init__(self, step: int, last_checkpoint: int | None, restored: int | None = None,
+                 older: tuple[int, ...] = (), verified: bool = True):
+        self.step, self.last_checkpoint, self.restored = step, last_checkpoint, restored
+        self.suspect = restored if restored is not None and step - restored <= SUSPECT_STEPS else None
+        if self.suspect is None:
+            where = (f"the last good checkpoint (step {last_checkpoint}) is intact" if last_checkpoint is not None
+                     else "no checkpoint was written")
+        else:
+            checked = ("its files passed verification: the values saved may be bad, or the data after it"
+                       if verified
+                       else "it has no integrity record and was restored unverified")
+            since = (f"; the checkpoints written since (up to step {last_checkpoint}) descend from it"
+                     if last_checkpoint is not None and last_checkpoint > restored else "")
+            how = (f"restore an older one with `--set train.restore_step=N` (on disk: "
+                   f"{', '.join(map(str, older))})" if older else
+                   "there is no older checkpoint: start again in a fresh workdir")
+            where = (f"{step - restored} step(s) after restoring checkpoint step {restored}, which is the suspect "
+                     f"({checked}){since}; {how}")
         super().__init__(f"non-finite loss or gradient at step {step}: training stopped; {where}")
 
 
@@ -128,6 +150,7 @@ class Trainer:
     spec: ModelSpec
     mesh: jax.sharding.Mesh
     _eval_compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+    _restored: dict | None = dataclasses.field(default=None, repr=False)  # the checkpoint this run resumed from
 
     @classmethod
     def create(cls, config: ml_collections.ConfigDict, workdir: pathlib.Path | str,
@@ -247,8 +270,15 @@ class Trainer:
         return {"step": step, "config_hash": config_fingerprint(self.config), "task_host": self.task.host_state()}
 
     def _restore_or_init(self, ckpt: Checkpointer, step: Step, data_iter: Iterator) -> RunState:
-        restored = ckpt.restore_latest(self.abstract_state(step), data_iter)
+        """The newest verified checkpoint (or exactly ``train.restore_step``), else a fresh state."""
+        requested = int(self.config.train.get("restore_step", 0) or 0)
+        target = self.abstract_state(step)
+        if requested > 0:
+            restored = ckpt.restore_exact(requested, target, data_iter)
+        else:
+            restored = ckpt.restore_latest(target, data_iter)
         if restored is None:
+            self._restored = None
             return RunState(self.init_state(step.tx, step.shardings), 0, None)
         state, meta = restored
         fingerprint = config_fingerprint(self.config)
@@ -257,6 +287,8 @@ class Trainer:
                         meta.get("config_hash"), fingerprint)
         self.task.load_host_state(meta.get("task_host") or {})
         done = int(meta["step"])
+        self._restored = {"step": done, "directory": ckpt.directory, "older": [s for s in ckpt.steps() if s < done],
+                          "verified": ckpt.last_restore.get("verified", True)}
         return RunState(state, done, done, step_last=done)
 
     def _loop(self, run: RunState, step: Step, data_iter, ckpt: Checkpointer, writer: MetricsWriter,
@@ -294,10 +326,14 @@ class Trainer:
         writer.write(run.step, logged)
         run.logged, run.t_last, run.step_last, run.pause = logged, now, run.step, 0.0
 
-    @staticmethod
-    def _check_finite(bad_step: int, last_saved: int | None) -> None:
-        if bad_step >= 0:
+    def _check_finite(self, bad_step: int, last_saved: int | None) -> None:
+        if bad_step < 0:
+            return
+        r = self._restored
+        if r is None:
             raise NonFiniteLossError(bad_step + 1, last_saved)
+        older = tuple(s for s in r["older"] if (r["directory"] / str(s)).is_dir())  # keep-N may have dropped some
+        raise NonFiniteLossError(bad_step + 1, last_saved, r["step"], older, r["verified"])
 
 
 def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:
