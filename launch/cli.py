@@ -27,6 +27,7 @@ from launch.launchers import add_launch_parser
 # Exit codes of `ecomax train`.
 EXIT_CONFIG_ERROR = 2
 EXIT_NON_FINITE = 3
+EXIT_CHECKPOINT = 4  # train.restore_step names a missing or corrupt checkpoint
 EXIT_INTERRUPTED = 130
 
 
@@ -41,6 +42,7 @@ def _train(args: argparse.Namespace) -> int:
     from launch.distributed import initialize_distributed
 
     initialize_distributed()
+    from trainers.checkpoints import CheckpointError
     from trainers.loop import NonFiniteLossError, train
 
     try:
@@ -48,6 +50,9 @@ def _train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"ecomax train: {e}", file=sys.stderr)
         return EXIT_NON_FINITE
+    except CheckpointError as e:
+        print(f"ecomax train: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT
     return EXIT_INTERRUPTED if result.status == "interrupted" else 0
 
 

@@ -172,6 +172,17 @@ def test_restore_step_that_does_not_exist_is_an_error(base, tmp_path):
         train(config, workdir)
 
 
+def test_cli_reports_a_missing_restore_step_with_its_own_exit_code(base, tmp_path, capsys):
+    from conftest import REPO
+    from launch import cli
+
+    workdir = _copy(base, tmp_path)
+    sets = [a for o in (*OVERRIDES, "train.restore_step=3") for a in ("--set", o)]
+    code = cli.main(["train", "--config", f"{REPO}/configs/two_tower.py:tiny", "--workdir", str(workdir), *sets])
+    assert code == cli.EXIT_CHECKPOINT == 4
+    assert "train.restore_step=3: no such checkpoint" in capsys.readouterr().err
+
+
 def test_restore_of_a_corrupt_step_raises_naming_the_step_and_file(base, tmp_path):
     workdir = _copy(base, tmp_path)
     damaged = _flip_data(workdir / "checkpoints" / "4")
