@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices, set before JAX initialises its backend."""
 
+import json
 import os
 import pathlib
 
@@ -28,3 +29,14 @@ def load_test_config(spec: str = "configs/two_tower.py:tiny", *overrides: str):
 
     path, _, arg = spec.partition(":")
     return load_config(f"{REPO / path}:{arg}", overrides)
+
+
+def logged_losses(workdir) -> dict[int, float]:
+    """step -> loss from ``workdir/metrics.jsonl``, the last record of each step winning (a resumed run
+    rewrites the steps it redoes)."""
+    losses = {}
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[record["step"]] = record["loss"]
+    return losses

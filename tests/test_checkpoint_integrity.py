@@ -12,22 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, load_test_config
+from conftest import REPO, load_test_config, logged_losses
 from trainers.checkpoints import CheckpointError, Checkpointer, IntegrityError, RECORD_PREFIX, verify_step
 from trainers.loop import NonFiniteLossError, Trainer, train
 from trainers.state import abstract_state
 
 OVERRIDES = ("train.steps=6", "train.checkpoint_every=2", "train.log_every=1", "train.batch_size=16")
-
-
-def _losses(workdir) -> dict[int, float]:
-    """step -> loss, the last record of each step winning (a resumed run rewrites the steps it redoes)."""
-    losses = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            losses[record["step"]] = record["loss"]
-    return losses
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +90,7 @@ def test_corrupt_newest_checkpoint_resumes_the_previous_one_bitwise(base, tmp_pa
     if kind != "no_record":
         assert str(damaged.relative_to(workdir / "checkpoints" / "6").as_posix()) in caplog.text
     assert (workdir / "checkpoints_corrupt" / "6").is_dir()
-    assert _losses(workdir) == _losses(base)  # steps 5 and 6 redone from step 4: bit for bit
+    assert logged_losses(workdir) == logged_losses(base)  # steps 5 and 6 redone from step 4: bit for bit
 
     # no crash loop: the step 6 written by the resumed run verifies, and the next run restores it
     assert Checkpointer(workdir / "checkpoints").steps() == [2, 4, 6]
@@ -162,7 +152,7 @@ def test_non_finite_loss_after_a_restore_names_the_restored_step_and_restore_ste
     result = train(config, workdir)
     assert result.status == "completed" and result.step == 8
     assert (workdir / "checkpoints_superseded" / "6").is_dir()
-    assert all(np.isfinite(v) for s, v in _losses(workdir).items() if s > 4)
+    assert all(np.isfinite(v) for s, v in logged_losses(workdir).items() if s > 4)
 
 
 def test_restore_step_that_does_not_exist_is_an_error(base, tmp_path):
@@ -227,7 +217,7 @@ def test_two_processes_set_aside_a_corrupt_step_and_resume_bitwise(tmp_path):
         names = sorted(p.name for p in (workdir / "checkpoints" / str(step)).glob(f"{RECORD_PREFIX}.*"))
         assert names == [f"{RECORD_PREFIX}.0-of-2.json", f"{RECORD_PREFIX}.1-of-2.json"]
         verify_step(workdir / "checkpoints" / str(step), step)
-    expected = _losses(workdir)
+    expected = logged_losses(workdir)
     assert sorted(expected) == list(range(1, 7))
 
     _flip_data(workdir / "checkpoints" / "6")
@@ -236,5 +226,5 @@ def test_two_processes_set_aside_a_corrupt_step_and_resume_bitwise(tmp_path):
     assert resumed.returncode == 0, out
     assert "checkpoint step 6" in out and "fails verification" in out and "resuming at step 4" in out
     assert (workdir / "checkpoints_corrupt" / "6").is_dir()
-    assert _losses(workdir) == expected  # same processes, same mesh: bit for bit
+    assert logged_losses(workdir) == expected  # same processes, same mesh: bit for bit
     verify_step(workdir / "checkpoints" / "6", 6)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO
+from conftest import REPO, logged_losses
 
 ARGS = ["--config", f"{REPO}/configs/two_tower.py:tiny", "--set", "train.steps=30", "--set", "train.log_every=1",
         "--set", "train.checkpoint_every=8", "--set", "train.batch_size=32", "--set", "mesh.data=2"]
@@ -17,16 +17,6 @@ def _train(workdir, **popen):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", "--workdir", str(workdir), *ARGS],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-
-
-def _losses(workdir):
-    """step -> loss, the last record of each step winning (a resumed run rewrites the steps it redoes)."""
-    losses = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            losses[record["step"]] = record["loss"]
-    return losses
 
 
 def _wait_for_step(workdir, step, proc, timeout=120):
@@ -43,7 +33,7 @@ def _wait_for_step(workdir, step, proc, timeout=120):
 def test_kill_9_and_rerun_gives_bitwise_equal_losses(tmp_path):
     reference = _train(tmp_path / "reference")
     assert reference.wait(timeout=300) == 0, reference.stdout.read()
-    expected = _losses(tmp_path / "reference")
+    expected = logged_losses(tmp_path / "reference")
     assert sorted(expected) == list(range(1, 31))
 
     workdir = tmp_path / "killed"
@@ -57,7 +47,7 @@ def test_kill_9_and_rerun_gives_bitwise_equal_losses(tmp_path):
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert "resuming at step 8" in out or "resuming at step 16" in out or "resuming at step 24" in out
-    assert _losses(workdir) == expected  # exact float equality, every step
+    assert logged_losses(workdir) == expected  # exact float equality, every step
 
 
 def test_sigterm_saves_and_exits(tmp_path):
