@@ -88,7 +88,10 @@ def format_table(r: dict[str, Any]) -> str:
     tail = []
     if "exact/jax_vs_numpy_qps" in r:
         tail.append(f"exact JAX / numpy QPS: {r['exact/jax_vs_numpy_qps']:.2f}x "
-                    f"({r['exact/jax_gflops']:.1f} GFLOP/s; compile {r['exact/jax_compile_s']:.2f} s)")
+                    f"({r['exact/jax_gflops']:.1f} GFLOP/s; first block incl. compile {r['exact/jax_first_block_s']:.2f} s)")
+    if "exact/jax_matmul_floor_s" in r:
+        tail.append(f"exact JAX search / bare matmul of the same tiles: {r['exact/jax_search_vs_matmul_floor']:.2f}x "
+                    f"(matmul alone {r['exact/jax_matmul_floor_gflops']:.1f} GFLOP/s)")
     if "scann/status" in r:
         tail.append(r["scann/status"] + f" (tuning {r['scann/tune_s']:.1f} s)")
     return "\n".join([head, *lines, *tail])

@@ -80,7 +80,7 @@ def test_exact_searcher_backends_agree():
     rng = np.random.default_rng(2)
     gs = rng.integers(-3, 4, (3000, 6)).astype(np.float32)
     qs = rng.integers(-3, 4, (50, 6)).astype(np.float32)
-    a = R.ExactSearcher(gs, backend="jax").search(qs, 12)
+    a = R.ExactSearcher(gs, backend="jax", max_block_elems=4096, gallery_chunk=700).search(qs, 12)
     b = R.ExactSearcher(gs, backend="numpy").search(qs, 12)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])

@@ -27,6 +27,7 @@ where fake devices share the host's cores and a copy each would only cost memory
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,6 +83,17 @@ def _block_topk(q: jax.Array, g_chunks: jax.Array, *, k: int, n: int) -> tuple[j
     return v, i
 
 
+@jax.jit
+def _block_matmul_floor(q: jax.Array, g_chunks: jax.Array) -> jax.Array:
+    """The same tiles as ``_block_topk`` with the top-k replaced by a row max: the matmul's own cost."""
+
+    def body(best, g):
+        s = jnp.dot(q, g.T, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+        return jnp.maximum(best, s.max(axis=1)), None
+
+    return lax.scan(body, jnp.full((q.shape[0],), -jnp.inf, jnp.float32), g_chunks)[0]
+
+
 class JaxExactSearch:
     """A gallery held on the device(s), searched exactly. ``search(queries [q, d], k)``."""
 
@@ -124,6 +136,22 @@ class JaxExactSearch:
         vals = np.concatenate([np.asarray(v) for v, _ in pending])[:q]
         idx = np.concatenate([np.asarray(i) for _, i in pending])[:q].astype(np.int64)
         return idx, vals
+
+
+    def matmul_floor_s(self, queries: np.ndarray) -> float:
+        """Seconds for the same score tiles with only a row max kept (no top-k): the floor an exact
+        search can approach on this device. Compiles first (untimed)."""
+        qs = np.asarray(queries, dtype=np.float32)
+        b = min(self.query_block, qs.shape[0])
+        nb = -(-qs.shape[0] // b)
+        qpad = np.zeros((nb * b, self.d), np.float32)
+        qpad[:qs.shape[0]] = qs
+        blocks = [jax.device_put(qpad[j * b:(j + 1) * b], self.devices[j % len(self.devices)]) for j in range(nb)]
+        jax.block_until_ready(_block_matmul_floor(blocks[0], self._g[0]))
+        t0 = time.perf_counter()
+        outs = [_block_matmul_floor(x, self._g[j % len(self.devices)]) for j, x in enumerate(blocks)]
+        jax.block_until_ready(outs)
+        return time.perf_counter() - t0
 
 
 def jax_exact_search(queries: np.ndarray, gallery: np.ndarray, k: int, **kwargs: Any
