@@ -735,8 +735,9 @@ def evaluate_retrieval(query_emb: Any, gallery_emb: Any, gallery_ids: Any, relev
     ``max_leaves_to_search`` / ``max_reorder`` / ``max_trials`` caps). Added keys:
     ``ann_target_recall``, ``ann_target_met`` (bool), ``ann_tuning`` (dict: parameters chosen,
     sampled recall and sample size, every trial), ``ann_status`` (one sentence). When the target
-    is not met, ScaNN's metrics are NOT reported under ``ann/`` but under ``ann_rejected/`` (the
-    exact metrics, always computed, are the numbers to use), and a warning says so. The saved
+    is not met, ScaNN's metrics are NOT reported under ``ann/`` but under ``ann_rejected/``; ``ann/``
+    then holds the exact metrics (always computed), ``ann_metrics_source`` says "exact" (else
+    "scann"), and a warning says so. The saved
     index records the tuning and searches with the tuned parameters after ``load_index``.
 
     ``exact``: the exact-search backend, "auto" (JAX for large searches when the gallery fits on
@@ -779,6 +780,9 @@ def evaluate_retrieval(query_emb: Any, gallery_emb: Any, gallery_ids: Any, relev
         result["ann_build_s"], result["ann_search_s"] = build_s, time.perf_counter() - t0
         m = _score(ann_idx, item_code, rel_query, rel_code, num_relevant, ks)
         result.update({f"{prefix}{key}": v for key, v in m.items() if not key.startswith("num_")})
+        result["ann_metrics_source"] = "scann" if final else "exact"
+        if not final:  # the exact numbers stand in, so callers reading ann/ get the right ones
+            result.update({f"ann/{key}": result[f"exact/{key}"] for key in m if not key.startswith("num_")})
         for k in ks:
             result[f"ann_recall_vs_exact@{k}"] = _overlap_at_k(ann_idx, exact_idx, k, n)
         result["ann_recall_vs_exact"] = result[f"ann_recall_vs_exact@{ks[-1]}"]
