@@ -1,4 +1,4 @@
-"""The ``ecomax`` command line: train, data, demo, bench, export, launch.
+"""The ``ecomax`` command line: train, data, demo, bench, export, launch, retrieval.
 
     ecomax train --config configs/two_tower.py:tiny --workdir runs/tt [--set train.steps=100 ...]
     ecomax data synth {ecom_rf_immr,kuaisearch} --out DIR ...
@@ -9,6 +9,7 @@
     ecomax bench --config configs/X.py:ARG [--steps N] [--json OUT] [--aot --mesh data=2,fsdp=4,tensor=1]
     ecomax export --workdir DIR --out DIR --format {params,safetensors,stablehlo,scann}
     ecomax launch {local,slurm,gke,tpu-vm} ... -- train ...
+    ecomax retrieval bench --gallery G.npy --queries Q.npy [--k 10] [--target-recall 0.99] [--json OUT]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from launch.bench import add_bench_parser
 from launch.demo import add_demo_parser
 from launch.export import add_export_parser
 from launch.launchers import add_launch_parser
+from launch.retrieval import add_retrieval_parser
 
 # Exit codes of `ecomax train`.
 EXIT_CONFIG_ERROR = 2
@@ -193,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_export_parser(sub)
     add_launch_parser(sub)
+    add_retrieval_parser(sub)
     return parser
 
 

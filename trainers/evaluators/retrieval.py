@@ -3,10 +3,17 @@
 Every retrieval task (TIGER-FG image->product, KuaiSearch recall, ...) reuses this module:
 
 * ``ExactSearcher``: chunked matmul + ``argpartition`` top-k, memory bounded by chunking over
-  both queries and gallery. It is the ground truth.
+  both queries and gallery. It is the ground truth. ``backend="jax"`` (or "auto" for large
+  searches) runs ``exact_search.JaxExactSearch`` instead: jitted chunked matmul + ``lax.top_k``,
+  same ids and tie order.
+* ``tune_scann`` / ``build_tuned_scann``: the rule below is a starting point; the search is
+  widened (leaves-to-search, reorder) until ScaNN's recall@k against exact search on a query
+  sample reaches ``target_recall`` (default 0.99), or a budget stops it, in which case its numbers
+  are reported as rejected, not final.
 * ``ScannSearcher``: ScaNN 1.4.2, configured from the corpus size by ``scann_params_for``
   (rule below), searched with ``search_batched_parallel``.
-* ``evaluate_retrieval(query_emb, gallery_emb, gallery_ids, relevant, ks=..., ann=..., out_dir=...)``
+* ``evaluate_retrieval(query_emb, gallery_emb, gallery_ids, relevant, ks=..., ann=..., out_dir=...,
+  target_recall=0.99)``
   searches exactly and with ScaNN, and reports Recall@K / HitRate@K / MRR for both, plus the ANN's
   recall against exact search. It can save the index, and ``load_index`` restores it.
 * ``RetrievalEvaluator``: the tiny adapter a task calls with its two towers' embedding batches.
@@ -37,7 +44,8 @@ L2-normalised, k=10): 224 leaves, 12 searched, reorder 100 -> build 4-16 s depen
 Saved index layout (``out_dir/index/``; ``out_dir/results.json`` beside it holds the metrics)::
 
     index_params.json      kind ("scann_tree_ah" | "scann_brute_force" | "exact"), sizes,
-                           normalize flag, ScaNN parameters, build time, id file name
+                           normalize flag, ScaNN parameters (tuned), build time, id file name,
+                           tuning (target, met, sampled recall, sample size, trials)
     gallery_ids.npy        integer ids (np.save, allow_pickle=False)   -- or --
     gallery_ids.json       string ids as a JSON list
     scann/                 ScaNN's own artifacts (searcher.serialize, relative paths)   -- or --
@@ -81,12 +89,17 @@ __all__ = [
     "RetrievalIndex",
     "ScannParams",
     "ScannSearcher",
+    "ScannTuning",
+    "bench_retrieval",
+    "build_tuned_scann",
+    "exact_backend_for",
     "collect_embeddings",
     "evaluate_retrieval",
     "exact_search",
     "l2_normalize",
     "load_index",
     "scann_params_for",
+    "tune_scann",
 ]
 
 
@@ -226,21 +239,61 @@ def exact_search(queries: np.ndarray, gallery: np.ndarray, k: int, *,
     return out_idx, out_val
 
 
+JAX_EXACT_MIN_WORK = 1 << 26  # q * n score entries below which numpy wins (no compile, tiny matmul)
+
+
+def _jax_exact_available(n: int, d: int) -> bool:
+    try:
+        from trainers.evaluators import exact_search as jx  # noqa: PLC0415 (imports jax)
+    except ImportError:  # pragma: no cover - jax is a dependency
+        return False
+    return jx.gallery_fits(n, d)
+
+
+def exact_backend_for(q: int, n: int, d: int, backend: str = "auto") -> str:
+    """``"jax"`` or ``"numpy"``: ``auto`` takes JAX when the search is large (``q * n >=
+    JAX_EXACT_MIN_WORK``) and the gallery fits in device memory (``exact_search.gallery_fits``)."""
+    if backend not in ("auto", "jax", "numpy"):
+        raise ValueError(f"exact backend must be 'auto', 'jax' or 'numpy', got {backend!r}")
+    if backend == "auto":
+        return "jax" if q * n >= JAX_EXACT_MIN_WORK and _jax_exact_available(n, d) else "numpy"
+    return backend
+
+
 class ExactSearcher:
-    """Exact dot-product searcher over a fixed gallery ``[n, d]``."""
+    """Exact dot-product searcher over a fixed gallery ``[n, d]``.
+
+    ``backend``: "numpy" (``exact_search``), "jax" (``exact_search.JaxExactSearch``: jitted
+    chunked matmul + top-k, same ids and tie order), or "auto" (JAX for large searches when the
+    gallery fits on the device, per query batch; see ``exact_backend_for``).
+    """
 
     kind = "exact"
 
-    def __init__(self, gallery: np.ndarray, **search_kwargs: Any):
+    def __init__(self, gallery: np.ndarray, backend: str = "numpy", **search_kwargs: Any):
         self.gallery = gallery
+        self.backend = backend
         self.search_kwargs = search_kwargs
+        self._jax: Any = None
+        exact_backend_for(0, 0, 0, backend)  # validates the name
 
     @property
     def size(self) -> int:
         return int(self.gallery.shape[0])
 
+    def backend_for(self, num_queries: int) -> str:
+        return exact_backend_for(num_queries, self.size, int(self.gallery.shape[1]), self.backend)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``[q, d] -> (indices [q, min(k, n)] int64, scores [q, min(k, n)])``, best first."""
+        if self.backend_for(int(np.shape(queries)[0])) == "jax":
+            if self._jax is None:
+                from trainers.evaluators.exact_search import JaxExactSearch  # noqa: PLC0415
+
+                jax_kw = {key: v for key, v in self.search_kwargs.items()  # numpy-only ones dropped
+                          if key in ("gallery_chunk", "query_block", "devices")}
+                self._jax = JaxExactSearch(self.gallery, **jax_kw)
+            return self._jax.search(queries, k)
         return exact_search(queries, self.gallery, k, **self.search_kwargs)
 
     def params(self) -> dict[str, Any]:
@@ -331,6 +384,11 @@ class ScannSearcher:
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self.params_)
 
+    def with_search_params(self, num_leaves_to_search: int, reorder: int) -> ScannSearcher:
+        """The same built index searched with other leaves-to-search / reorder (no rebuild)."""
+        p = dataclasses.replace(self.params_, num_leaves_to_search=int(num_leaves_to_search), reorder=int(reorder))
+        return ScannSearcher(None, p, _searcher=self._searcher)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``[q, d] -> (indices [q, min(k, n)] int64, scores [q, min(k, n)] float32)``.
 
@@ -392,6 +450,145 @@ def _build_searcher(gallery: np.ndarray, k: int, ann: str) -> Searcher | None:
         return None
     params = scann_params_for(gallery.shape[0], k, force_tree=(ann == "scann"))
     return ScannSearcher(gallery, params)
+
+
+# ----------------------------------------------------------------------------- tuning to a recall target
+
+DEFAULT_TARGET_RECALL = 0.99
+DEFAULT_TUNE_SAMPLE = 1000
+
+
+@dataclasses.dataclass
+class ScannTuning:
+    """The outcome of ``tune_scann``: the parameters chosen and the evidence for them.
+
+    ``recall`` is the mean |ANN top-k ∩ exact top-k| / k over ``sample_size`` queries at ``k``;
+    ``trials`` lists every (leaves, reorder, recall, search seconds) tried, in order; ``met`` says
+    whether ``recall >= target``; ``message`` says what happened in one sentence.
+    """
+
+    target: float
+    k: int
+    met: bool
+    recall: float
+    sample_size: int
+    num_leaves_to_search: int
+    reorder: int
+    trials: list[dict[str, Any]]
+    tune_s: float
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def tune_scann(searcher: ScannSearcher, sample_queries: np.ndarray, exact_idx: np.ndarray, k: int,
+               target: float = DEFAULT_TARGET_RECALL, *, max_leaves_to_search: int | None = None,
+               max_reorder: int | None = None, max_trials: int = 24, grow: float = 1.5
+               ) -> tuple[ScannSearcher, ScannTuning]:
+    """Widens a built ScaNN tree's search until its recall@k vs exact reaches ``target``.
+
+    ``sample_queries [s, d]`` with their exact top-k rows ``exact_idx [s, >= k]``. Starting from
+    the searcher's own (rule) parameters, each step tries leaves-to-search x ``grow`` and reorder
+    x 2 (each capped by its budget) and keeps the one with the higher sampled recall (on a tie the
+    faster), until the target is met, both budgets are spent, or ``max_trials`` searches ran.
+    Budgets default to all leaves and ``min(n, max(1000, 100 k))`` reordered candidates. Widening
+    needs no rebuild: both are search-time parameters of the same index.
+
+    Returns the searcher with the chosen parameters (sharing the built index) and a
+    ``ScannTuning`` record; when the target is not met the widest parameters tried are returned and
+    ``met`` is False: the caller must not present its numbers as final.
+    """
+    t_start = time.perf_counter()
+    p = searcher.params_
+    n = searcher.size
+    k = min(int(k), n)
+    s = int(sample_queries.shape[0])
+    trials: list[dict[str, Any]] = []
+
+    def trial(leaves: int, reorder: int) -> float:
+        cand = searcher.with_search_params(leaves, reorder) if p.kind == "tree_ah" else searcher
+        t0 = time.perf_counter()
+        idx, _ = cand.search(sample_queries, k)
+        dt = time.perf_counter() - t0
+        r = _overlap_at_k(idx, exact_idx, k, n)
+        trials.append({"num_leaves_to_search": leaves, "reorder": reorder, "recall": r, "search_s": dt})
+        return r
+
+    if p.kind != "tree_ah":  # brute force: nothing to widen, only a check
+        r = trial(0, 0)
+        met = r >= target
+        msg = (f"ScaNN brute force: recall@{k} {r:.4f} on {s} queries"
+               + ("" if met else f", below the target {target}"))
+        return searcher, ScannTuning(target, k, met, r, s, 0, 0, trials, time.perf_counter() - t_start, msg)
+
+    max_l = min(p.num_leaves, max_leaves_to_search or p.num_leaves)
+    max_r = min(n, max_reorder or max(1000, 100 * k))
+    leaves, reorder = min(p.num_leaves_to_search, max_l), min(max(p.reorder, k), max(max_r, k))
+    recall = trial(leaves, reorder)
+    while recall < target and len(trials) < max_trials:
+        options = []
+        if leaves < max_l:
+            options.append((min(max_l, max(leaves + 1, math.ceil(leaves * grow))), reorder))
+        if reorder < max_r:
+            options.append((leaves, min(max_r, 2 * reorder)))
+        if not options:
+            break
+        scored = []
+        for opt in options:
+            if len(trials) >= max_trials:
+                break
+            scored.append((trial(*opt), -trials[-1]["search_s"], opt))
+        best = max(scored)
+        recall, (leaves, reorder) = best[0], best[2]
+    met = recall >= target
+    if met:
+        msg = (f"ScaNN tuned: recall@{k} {recall:.4f} >= target {target} on {s} sample queries with "
+               f"{leaves}/{p.num_leaves} leaves searched, reorder {reorder} ({len(trials)} trials)")
+    else:
+        why = ("budget spent" if (leaves >= max_l and reorder >= max_r) else f"{len(trials)} trials ran")
+        msg = (f"ScaNN did NOT reach the target recall@{k} {target}: best {recall:.4f} on {s} sample "
+               f"queries at {leaves}/{p.num_leaves} leaves, reorder {reorder} ({why}; budget "
+               f"{max_l} leaves, reorder {max_r}); its numbers are not final")
+    tuned = searcher.with_search_params(leaves, reorder)
+    return tuned, ScannTuning(target, k, met, recall, s, leaves, reorder, trials,
+                              time.perf_counter() - t_start, msg)
+
+
+def build_tuned_scann(gallery: np.ndarray, queries: np.ndarray, exact_idx: np.ndarray, k: int, *,
+                      ann: str = "auto", target_recall: float | None = DEFAULT_TARGET_RECALL,
+                      tune_sample: int = DEFAULT_TUNE_SAMPLE, tune_budget: dict[str, Any] | None = None,
+                      seed: int = 0) -> tuple[ScannSearcher | None, ScannTuning | None, float]:
+    """Builds the ANN for ``ann`` and tunes it to ``target_recall`` (None: the rule, untuned).
+
+    The sample is ``tune_sample`` queries drawn without replacement (all when fewer), scored
+    against their rows of ``exact_idx``; if the tuned parameters then miss the target on all the
+    queries, tuning resumes with all of them as the sample. Returns ``(searcher or None,
+    tuning or None, build seconds)``. This is what ``evaluate_retrieval`` and ``ecomax retrieval
+    bench`` both run.
+    """
+    t0 = time.perf_counter()
+    searcher = _build_searcher(gallery, k, ann)
+    build_s = time.perf_counter() - t0
+    if searcher is None or target_recall is None:
+        return searcher, None, build_s
+    budget = dict(tune_budget or {})
+    q = queries.shape[0]
+    if q > tune_sample:
+        rows = np.sort(np.random.default_rng(seed).choice(q, tune_sample, replace=False))
+        tuned, tuning = tune_scann(searcher, queries[rows], exact_idx[rows], k, target_recall, **budget)
+        if tuning.met:
+            full_idx, _ = tuned.search(queries, k)
+            if _overlap_at_k(full_idx, exact_idx, k, gallery.shape[0]) < target_recall:
+                log.info("tuned on %d queries but short on all %d: tuning on all of them", tune_sample, q)
+                first = tuning
+                tuned, tuning = tune_scann(tuned, queries, exact_idx, k, target_recall, **budget)
+                tuning.trials = first.trials + tuning.trials
+                tuning.tune_s += first.tune_s
+    else:
+        tuned, tuning = tune_scann(searcher, queries, exact_idx, k, target_recall, **budget)
+    (log.info if tuning.met else log.warning)("%s", tuning.message)
+    return tuned, tuning, build_s
 
 
 # ----------------------------------------------------------------------------- saved index
@@ -512,7 +709,10 @@ def _score(idx: np.ndarray, item_code: np.ndarray, rel_query: np.ndarray, rel_co
 def evaluate_retrieval(query_emb: Any, gallery_emb: Any, gallery_ids: Any, relevant: Any, *,
                        ks: Sequence[int] = (1, 5, 10), ann: str = "auto",
                        out_dir: str | os.PathLike[str] | None = None, normalize: bool = True,
-                       exact_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+                       exact_kwargs: dict[str, Any] | None = None,
+                       target_recall: float | None = DEFAULT_TARGET_RECALL,
+                       tune_sample: int = DEFAULT_TUNE_SAMPLE, tune_budget: dict[str, Any] | None = None,
+                       exact: str = "auto") -> dict[str, Any]:
     """Exact and ANN retrieval metrics.
 
     ``query_emb [q, d]``, ``gallery_emb [n, d]``, ``gallery_ids [n]`` (int or str, may repeat),
@@ -528,6 +728,20 @@ def evaluate_retrieval(query_emb: Any, gallery_emb: Any, gallery_ids: Any, relev
     timings in seconds, ``ann_kind`` (str). With ``out_dir``: the ANN index (or, for "exact", the
     gallery) is saved under ``out_dir/index`` (see ``load_index``), the metrics to
     ``out_dir/results.json``, and ``index_dir`` (str) is added.
+    
+    Recall target: with ``target_recall`` (default 0.99; None keeps the rule's parameters
+    untuned) the ScaNN search is widened by ``tune_scann`` until its recall@max(ks) against exact
+    search, measured on ``tune_sample`` queries, reaches the target (``tune_budget``: the
+    ``max_leaves_to_search`` / ``max_reorder`` / ``max_trials`` caps). Added keys:
+    ``ann_target_recall``, ``ann_target_met`` (bool), ``ann_tuning`` (dict: parameters chosen,
+    sampled recall and sample size, every trial), ``ann_status`` (one sentence). When the target
+    is not met, ScaNN's metrics are NOT reported under ``ann/`` but under ``ann_rejected/``; ``ann/``
+    then holds the exact metrics (always computed), ``ann_metrics_source`` says "exact" (else
+    "scann"), and a warning says so. The saved
+    index records the tuning and searches with the tuned parameters after ``load_index``.
+
+    ``exact``: the exact-search backend, "auto" (JAX for large searches when the gallery fits on
+    the device, else numpy), "jax" or "numpy"; ``exact_backend`` in the result says which ran.
     """
     qs = _as_embeddings(query_emb, "query_emb").astype(np.float32)
     gs = _as_embeddings(gallery_emb, "gallery_emb").astype(np.float32)
@@ -546,26 +760,38 @@ def evaluate_retrieval(query_emb: Any, gallery_emb: Any, gallery_ids: Any, relev
 
     result: dict[str, Any] = {"num_queries": int(qs.shape[0]), "num_gallery": int(n),
                               "num_relevant_not_in_gallery": n_unknown, "depth": depth}
+    exact_searcher = ExactSearcher(gs, backend=exact, **(exact_kwargs or {}))
+    result["exact_backend"] = exact_searcher.backend_for(qs.shape[0])
     t0 = time.perf_counter()
-    exact_idx, _ = exact_search(qs, gs, depth, **(exact_kwargs or {}))
+    exact_idx, _ = exact_searcher.search(qs, depth)
     result["exact_search_s"] = time.perf_counter() - t0
     m = _score(exact_idx, item_code, rel_query, rel_code, num_relevant, ks)
     result["num_queries_evaluated"] = m.pop("num_queries_evaluated")
     result["num_queries_no_relevant"] = m.pop("num_queries_no_relevant")
     result.update({f"exact/{key}": v for key, v in m.items()})
 
-    t0 = time.perf_counter()
-    searcher: Searcher | None = _build_searcher(gs, depth, ann)
-    build_s = time.perf_counter() - t0
+    searcher, tuning, build_s = build_tuned_scann(gs, qs, exact_idx, depth, ann=ann, target_recall=target_recall,
+                                                  tune_sample=tune_sample, tune_budget=tune_budget)
     if searcher is not None:
+        final = tuning is None or tuning.met
+        prefix = "ann/" if final else "ann_rejected/"
         t0 = time.perf_counter()
         ann_idx, _ = searcher.search(qs, depth)
         result["ann_build_s"], result["ann_search_s"] = build_s, time.perf_counter() - t0
         m = _score(ann_idx, item_code, rel_query, rel_code, num_relevant, ks)
-        result.update({f"ann/{key}": v for key, v in m.items() if not key.startswith("num_")})
+        result.update({f"{prefix}{key}": v for key, v in m.items() if not key.startswith("num_")})
+        result["ann_metrics_source"] = "scann" if final else "exact"
+        if not final:  # the exact numbers stand in, so callers reading ann/ get the right ones
+            result.update({f"ann/{key}": result[f"exact/{key}"] for key in m if not key.startswith("num_")})
         for k in ks:
             result[f"ann_recall_vs_exact@{k}"] = _overlap_at_k(ann_idx, exact_idx, k, n)
         result["ann_recall_vs_exact"] = result[f"ann_recall_vs_exact@{ks[-1]}"]
+        if tuning is not None:
+            result["ann_target_recall"] = tuning.target
+            result["ann_target_met"] = tuning.met
+            result["ann_tune_s"] = tuning.tune_s
+            result["ann_tuning"] = tuning.as_dict()
+            result["ann_status"] = tuning.message
         log.info("ANN %s: build %.2fs, search %.2fs, recall@%d vs exact %.4f", searcher.kind, build_s,
                  result["ann_search_s"], ks[-1], result["ann_recall_vs_exact"])
     result["ann_kind"] = searcher.kind if searcher is not None else "none"
@@ -574,7 +800,8 @@ def evaluate_retrieval(query_emb: Any, gallery_emb: Any, gallery_ids: Any, relev
         out = pathlib.Path(out_dir)
         index = RetrievalIndex(searcher=searcher if searcher is not None else ExactSearcher(gs),
                                ids=ids, normalize=normalize,
-                               info={"build_s": build_s if searcher is not None else 0.0, "dim": int(gs.shape[1])})
+                               info={"build_s": build_s if searcher is not None else 0.0, "dim": int(gs.shape[1]),
+                                     **({"tuning": tuning.as_dict()} if tuning is not None else {})})
         result["index_dir"] = str(index.save(out / "index"))
         (out / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True))
     return result
@@ -650,6 +877,7 @@ class RetrievalEvaluator:
     normalize: bool = True
     prefix: str = ""
     progress: bool = False
+    target_recall: float | None = DEFAULT_TARGET_RECALL
 
     def __call__(self, queries: Any | Callable[[], Any], gallery: Any | Callable[[], Any], *,
                  relevant: Any = None, gallery_ids: Any = None,
@@ -663,5 +891,93 @@ class RetrievalEvaluator:
         if gallery_ids is None:
             gallery_ids = np.arange(g_emb.shape[0], dtype=np.int64)
         res = evaluate_retrieval(q_emb, g_emb, gallery_ids, relevant, ks=self.ks, ann=self.ann,
-                                 out_dir=out_dir, normalize=self.normalize)
+                                 out_dir=out_dir, normalize=self.normalize, target_recall=self.target_recall)
         return {f"{self.prefix}{k}": v for k, v in res.items()}
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def bench_retrieval(queries: Any, gallery: Any, k: int = 10, *, target_recall: float | None = DEFAULT_TARGET_RECALL,
+                    ann: str = "auto", tune_sample: int = DEFAULT_TUNE_SAMPLE,
+                    tune_budget: dict[str, Any] | None = None, normalize: bool = True, numpy_exact: bool = True,
+                    repeats: int = 1) -> dict[str, Any]:
+    """Build time, QPS and recall@k for ScaNN (rule and tuned) and exact search (JAX and numpy).
+
+    The same pieces as ``evaluate_retrieval``: ``ExactSearcher``'s backends give the ground truth
+    and ``build_tuned_scann`` builds and tunes. Exact searches run ``repeats`` times, JAX and numpy
+    interleaved (with the JAX matmul floor: the same score tiles, top-k replaced by a row max), and
+    the medians are reported; ``exact/jax_vs_numpy_qps`` is their ratio,
+    ``exact/jax_search_vs_matmul_floor`` how far the top-k bookkeeping keeps the search from the
+    bare matmul, and ``exact/ids_equal_fraction`` the fraction of (query, rank) slots where both
+    give the same id.
+    ``exact/jax_first_block_s`` is the first call, on one query block: compile + that block, kept out of QPS.
+    """
+    import statistics  # noqa: PLC0415
+
+    from trainers.evaluators.exact_search import JaxExactSearch  # noqa: PLC0415 (imports jax)
+
+    qs = _as_embeddings(queries, "queries").astype(np.float32)
+    gs = _as_embeddings(gallery, "gallery").astype(np.float32)
+    if normalize:
+        qs, gs = l2_normalize(qs), l2_normalize(gs)
+    q, n = qs.shape[0], gs.shape[0]
+    k = min(int(k), n)
+    out: dict[str, Any] = {"num_queries": q, "num_gallery": n, "dim": int(gs.shape[1]), "k": k}
+
+    t0 = time.perf_counter()
+    jx = JaxExactSearch(gs)
+    out["exact/jax_setup_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jx.search(qs[:jx.query_block], k)
+    out["exact/jax_first_block_s"] = time.perf_counter() - t0
+    jax_s, np_s, floor_s = [], [], []
+    np_idx = np_val = None
+    for _ in range(max(1, repeats)):
+        floor_s.append(jx.matmul_floor_s(qs))
+        t0 = time.perf_counter()
+        jax_idx, jax_val = jx.search(qs, k)
+        jax_s.append(time.perf_counter() - t0)
+        if numpy_exact:
+            t0 = time.perf_counter()
+            np_idx, np_val = exact_search(qs, gs, k)
+            np_s.append(time.perf_counter() - t0)
+    out["exact/jax_search_s"] = statistics.median(jax_s)
+    out["exact/jax_qps"] = q / out["exact/jax_search_s"]
+    if numpy_exact:
+        out["exact/numpy_search_s"] = statistics.median(np_s)
+        out["exact/numpy_qps"] = q / out["exact/numpy_search_s"]
+        out["exact/jax_vs_numpy_qps"] = out["exact/jax_qps"] / out["exact/numpy_qps"]
+        out["exact/ids_equal_fraction"] = float(np.mean(jax_idx == np_idx))
+        out["exact/max_score_diff"] = float(np.max(np.abs(jax_val - np_val)))
+    out["exact/jax_gflops"] = 2.0 * q * n * gs.shape[1] / out["exact/jax_search_s"] / 1e9
+    out["exact/jax_matmul_floor_s"] = statistics.median(floor_s)
+    out["exact/jax_matmul_floor_gflops"] = 2.0 * q * n * gs.shape[1] / out["exact/jax_matmul_floor_s"] / 1e9
+    out["exact/jax_search_vs_matmul_floor"] = out["exact/jax_search_s"] / out["exact/jax_matmul_floor_s"]
+
+    searcher, tuning, build_s = build_tuned_scann(gs, qs, jax_idx, k, ann=ann, target_recall=target_recall,
+                                                  tune_sample=tune_sample, tune_budget=tune_budget)
+    if searcher is None:
+        out["ann_kind"] = "none"
+        return out
+    out["ann_kind"] = searcher.kind
+    out["scann/build_s"] = build_s
+    runs = [("tuned", searcher)]
+    if tuning is not None and searcher.params_.kind == "tree_ah":
+        first = tuning.trials[0]
+        runs.insert(0, ("rule", searcher.with_search_params(first["num_leaves_to_search"], first["reorder"])))
+    for name, s in runs:
+        t0 = time.perf_counter()
+        idx, _ = s.search(qs, k)
+        dt = time.perf_counter() - t0
+        out[f"scann_{name}/params"] = s.params()
+        out[f"scann_{name}/search_s"] = dt
+        out[f"scann_{name}/qps"] = q / dt
+        out[f"scann_{name}/recall_vs_exact@{k}"] = _overlap_at_k(idx, jax_idx, k, n)
+    if tuning is not None:
+        out["scann/tune_s"] = tuning.tune_s
+        out["scann/target_recall"] = tuning.target
+        out["scann/target_met"] = tuning.met
+        out["scann/tuning"] = tuning.as_dict()
+        out["scann/status"] = tuning.message
+    return out
