@@ -9,6 +9,7 @@
     ecomax bench --config configs/X.py:ARG [--steps N] [--json OUT] [--aot --mesh data=2,fsdp=4,tensor=1]
     ecomax export --workdir DIR --out DIR --format {params,safetensors,stablehlo,scann}
     ecomax launch {local,slurm,gke,tpu-vm} ... -- train ...
+    ecomax sid build --config configs/sid.py:VARIANT --embeddings items.npy --out DIR
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from launch.bench import add_bench_parser
 from launch.demo import add_demo_parser
 from launch.export import add_export_parser
 from launch.launchers import add_launch_parser
+from launch.sid import add_sid_parser
 
 # Exit codes of `ecomax train`.
 EXIT_CONFIG_ERROR = 2
@@ -188,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_export_parser(sub)
     add_launch_parser(sub)
+    add_sid_parser(sub)
     return parser
 
 
