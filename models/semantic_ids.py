@@ -17,23 +17,35 @@ import jax
 import jax.numpy as jnp
 
 
-def nearest(x: jax.Array, codebook: jax.Array) -> tuple[jax.Array, jax.Array]:
+def nearest(x: jax.Array, codebook: jax.Array, chunk_rows: int = 0) -> tuple[jax.Array, jax.Array]:
     """``x [b, d], codebook [k, d] -> (code [b] int32, squared distance [b])``.
 
-    ``|x - c|^2 = |x|^2 - 2 x.c + |c|^2``: one ``[b, k]`` matmul, as faiss computes it (never ``[b, k, d]``).
+    ``|x - c|^2 = |x|^2 - 2 x.c + |c|^2``: a ``[b, k]`` matmul, as faiss computes it (never ``[b, k, d]``).
+    ``chunk_rows > 0`` scores that many rows at a time (``lax.map``), so the ``[rows, k]`` scores stay in
+    cache before the argmin: 2-3x faster on CPU; 0 (one matmul) suits accelerators.
     """
+    b = x.shape[0]
+    if not chunk_rows or b <= chunk_rows:
+        return _nearest(x, codebook)
+    xp = jnp.pad(x, ((0, -b % chunk_rows), (0, 0)))
+    code, d2 = jax.lax.map(lambda rows: _nearest(rows, codebook), xp.reshape(-1, chunk_rows, x.shape[1]))
+    return code.reshape(-1)[:b], d2.reshape(-1)[:b]
+
+
+def _nearest(x: jax.Array, codebook: jax.Array) -> tuple[jax.Array, jax.Array]:
     scores = jnp.sum(codebook * codebook, axis=-1)[None] - 2.0 * (x @ codebook.T)          # [b, k]
     code = jnp.argmin(scores, axis=1).astype(jnp.int32)
     d2 = jnp.take_along_axis(scores, code[:, None], axis=1)[:, 0] + jnp.sum(x * x, axis=-1)
     return code, jnp.maximum(d2, 0.0)
 
 
-def residual_codes(x: jax.Array, codebooks: jax.Array | Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+def residual_codes(x: jax.Array, codebooks: jax.Array | Sequence[jax.Array],
+                   chunk_rows: int = 0) -> tuple[jax.Array, jax.Array]:
     """Greedy residual assignment: ``x [b, d]``, ``codebooks [L, k, d]`` -> ``(codes [b, L] int32, final
     residual [b, d])``."""
     codes, r = [], x
     for level in range(len(codebooks)):
-        code, _ = nearest(r, codebooks[level])
+        code, _ = nearest(r, codebooks[level], chunk_rows)
         codes.append(code)
         r = r - codebooks[level][code]
     return jnp.stack(codes, axis=1), r
@@ -63,11 +75,11 @@ def kmeans_plus_plus(points: jax.Array, weights: jax.Array, uniforms: jax.Array)
     return centres
 
 
-def lloyd_sums(r: jax.Array, w: jax.Array, centroids: jax.Array) -> dict[str, jax.Array]:
+def lloyd_sums(r: jax.Array, w: jax.Array, centroids: jax.Array, chunk_rows: int = 0) -> dict[str, jax.Array]:
     """One shard's share of a Lloyd iteration: ``r [b, d]`` residuals, ``w [b]`` weights (0: padding),
     ``centroids [k, d]`` -> per-code ``sums [k, d]``, ``counts [k]``, the summed squared distance, and each
     row's code and squared distance."""
-    code, d2 = nearest(r, centroids)
+    code, d2 = nearest(r, centroids, chunk_rows)
     k = centroids.shape[0]
     return {"sums": jax.ops.segment_sum(r * w[:, None], code, k), "counts": jax.ops.segment_sum(w, code, k),
             "inertia": jnp.sum(w * d2), "code": code, "d2": jnp.where(w > 0, d2, -1.0)}
@@ -94,7 +106,7 @@ def revive_dead(centroids: jax.Array, counts: jax.Array, far_d2: jax.Array, far_
 
 def rq_kmeans_step(state: dict, x: jax.Array, w: jax.Array, rng: jax.Array, *, mesh: jax.sharding.Mesh,
                    axes: tuple[str, ...], iterations: int, batches_per_pass: int, init: str = "kmeans++",
-                   reset_dead: bool = True) -> tuple[dict, dict]:
+                   reset_dead: bool = True, chunk_rows: int = 0) -> tuple[dict, dict]:
     """One step of a level-by-level RQ-KMeans fit over a stream of batches.
 
     ``state`` (task state, replicated in the step): ``codebooks [L, k, d]``; the current pass's
@@ -106,7 +118,7 @@ def rq_kmeans_step(state: dict, x: jax.Array, w: jax.Array, rng: jax.Array, *, m
     become the pass means (exact Lloyd over all items, in bounded memory), dead codes are re-seeded, and
     after ``iterations`` passes the schedule moves to the next level. The first batch of a level seeds its
     codebook from that global batch's residuals: ``init="kmeans++"``, or ``"first"`` (its first ``k`` rows). Once every level is fitted, a step changes
-    nothing. Returns ``(state, metrics)``.
+    nothing. ``chunk_rows``: see ``nearest``. Returns ``(state, metrics)``.
     """
     levels, k, _ = state["codebooks"].shape
     if init not in ("kmeans++", "first"):
@@ -118,7 +130,7 @@ def rq_kmeans_step(state: dict, x: jax.Array, w: jax.Array, rng: jax.Array, *, m
         def shard(codebooks, x, w, far_d2, far_points, first, uniforms):
             r = x
             for j in range(level):  # residual of the levels already fitted
-                code, _ = nearest(r, codebooks[j])
+                code, _ = nearest(r, codebooks[j], chunk_rows)
                 r = r - codebooks[j][code]
             def seed():
                 rows = jax.lax.all_gather(r, axes, tiled=True)
@@ -127,7 +139,7 @@ def rq_kmeans_step(state: dict, x: jax.Array, w: jax.Array, rng: jax.Array, *, m
                 return kmeans_plus_plus(rows, jax.lax.all_gather(w, axes, tiled=True), uniforms)
 
             centroids = jax.lax.cond(first, seed, lambda: codebooks[level])
-            s = lloyd_sums(r, w, centroids)
+            s = lloyd_sums(r, w, centroids, chunk_rows)
             m = min(k, r.shape[0])
             top, idx = jax.lax.top_k(s["d2"], m)
             far_d2, far_points = merge_far(far_d2, far_points, jax.lax.all_gather(top, axes, tiled=True),

@@ -28,9 +28,9 @@ class NoParams(nnx.Module):
     """RQ-KMeans keeps everything in task state."""
 
 
-def assign(model: nnx.Module, x: jax.Array, codebooks: jax.Array) -> jax.Array:
+def assign(model: nnx.Module, x: jax.Array, codebooks: jax.Array, chunk_rows: int = 0) -> jax.Array:
     """``x [b, d] -> codes [b, L]`` int32 against ``codebooks [L, K, d]``."""
-    return residual_codes(x, codebooks)[0]
+    return residual_codes(x, codebooks, chunk_rows)[0]
 
 
 @register("sid_rq_kmeans")
@@ -71,7 +71,7 @@ class RQKMeansTask(Task):
         m = self.config.model
         extra, metrics = rq_kmeans_step(state.extra, batch["x"], batch["w"], rng, mesh=ctx.mesh, axes=BATCH_AXES,
                                         iterations=m.iterations, batches_per_pass=self.batches_per_pass,
-                                        init=m.init, reset_dead=m.dead_code_reset)
+                                        init=m.init, reset_dead=m.dead_code_reset, chunk_rows=m.chunk_rows)
         return state.replace(extra=extra), metrics
 
     def towers(self) -> dict[str, Tower]:
@@ -79,7 +79,8 @@ class RQKMeansTask(Task):
 
     def assign(self, ctx: EvalContext, vectors: np.ndarray) -> np.ndarray:
         """``vectors [n, d] -> codes [n, L]`` on the mesh, in chunks of ``eval.batch_size`` rows."""
-        return ctx.apply(assign, vectors, batch_size=self.config.eval.batch_size,
+        fn = functools.partial(assign, chunk_rows=self.config.model.chunk_rows)
+        return ctx.apply(fn, vectors, batch_size=self.config.eval.batch_size,
                          replicated={"codebooks": ctx.extra["codebooks"]})
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
