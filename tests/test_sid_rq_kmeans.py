@@ -172,3 +172,18 @@ def test_paper_scale_configs_lower_on_8_devices(tmp_path, arg):
     assert (config.model.levels, config.model.codes, config.model.dedup) == (levels, codes, True)
     assert trainer.task.batches_per_pass == math.ceil(6_600_000 / 65_536)
     assert config.train.steps == levels * config.model.iterations * trainer.task.batches_per_pass
+
+
+def test_one_level_equals_faiss_kmeans_with_the_same_seeds(tmp_path):
+    """The same Lloyd iterations as faiss.Kmeans (what the KuaiSearch and OneSearch code uses), given seeds."""
+    faiss = pytest.importorskip("faiss")
+    config = _config("model.levels=1", "mesh.data=2")
+    trainer = Trainer.create(config, tmp_path, devices=jax.devices()[:2])
+    trainer.run()
+    state = _final_state(trainer, tmp_path, config.train.steps)
+    x = trainer.task.vectors
+    uniforms = jax.random.uniform(jax.random.fold_in(jax.random.key(config.seed), 0), (8,))  # step 0
+    seeds = np.asarray(jax.jit(kmeans_plus_plus)(x[:256], np.ones(256, np.float32), uniforms))
+    km = faiss.Kmeans(x.shape[1], 8, niter=3, max_points_per_centroid=10_000, min_points_per_centroid=1)
+    km.train(x, init_centroids=seeds)
+    np.testing.assert_allclose(np.asarray(state.extra["codebooks"])[0], km.centroids, rtol=1e-4, atol=1e-5)

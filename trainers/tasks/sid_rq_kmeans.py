@@ -60,6 +60,11 @@ class RQKMeansTask(Task):
                 "w": jax.ShapeDtypeStruct((), np.float32)}
 
     def train_source(self):
+        m, steps = self.config.model, self.config.train.steps
+        if steps < m.levels * m.iterations * self.batches_per_pass:  # later steps are no-ops: more is fine
+            raise ValueError(f"train.steps={steps} does not fit {m.levels} levels x {m.iterations} passes x "
+                             f"{self.batches_per_pass} batches; set train.steps="
+                             f"{m.levels * m.iterations * self.batches_per_pass} (ecomax sid build does)")
         return EmbeddingRows(self.vectors, self.batches_per_pass * self.config.train.batch_size), None
 
     def init_extra(self, params, rng: jax.Array) -> dict:
