@@ -44,7 +44,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.num_items = num_items        # 0: the rows of data.embeddings
     c.data.clusters = 24                # synthetic items only
     c.eval = ml_collections.ConfigDict({"batch_size": eval_batch, "max_examples": 0})  # 0: all items
-    c.trie = ml_collections.ConfigDict({"dense_levels": 1})
+    # dense [prefixes, K] tables for the first levels (root, then <= K prefixes: 4 MB at K = 1024), CSR below
+    c.trie = ml_collections.ConfigDict({"dense_levels": 2})
     c.train.batch_size = batch
     passes = math.ceil(num_items / batch)
     c.train.steps = fit_steps(levels, iterations, num_items, batch)
@@ -66,6 +67,7 @@ def rq_vae_config(arg: str) -> ml_collections.ConfigDict:
     c = base_config()
     c.task = "sid_rq_vae"
     c.model = ml_collections.ConfigDict({
+        "dedup": True,
         "dim": 32 if tiny else 768, "hidden": [64, 32] if tiny else [512, 256, 128], "latent": 8 if tiny else 32,
         "levels": 3, "codes": 16 if tiny else 256, "beta": 0.25,
         "init_iterations": 10,          # Lloyd steps of the first-batch k-means that seeds the codebooks
@@ -74,6 +76,7 @@ def rq_vae_config(arg: str) -> ml_collections.ConfigDict:
     c.data.num_items = 2048 if tiny else 6_600_000
     c.data.clusters = 24
     c.eval = ml_collections.ConfigDict({"batch_size": 1024 if tiny else 65_536, "max_examples": 0})
+    c.trie = ml_collections.ConfigDict({"dense_levels": 2})
     c.train.batch_size = 256 if tiny else 1024
     c.train.steps = 300 if tiny else 200_000
     c.train.log_every = 50 if tiny else 1000

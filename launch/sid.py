@@ -4,10 +4,11 @@
 
 ``items.npy`` is ``[N, d]`` float32 (``d`` = the config's ``model.dim``); ids are the row numbers unless
 ``items.ids.npy`` (``[N]`` unique integers) sits beside it. The fit runs as a training run in
-``DIR/fit`` (checkpointed every pass; an interrupted build resumes there), then every item is assigned
+``DIR/fit`` (RQ-KMeans: ``levels x iterations`` passes over the items, checkpointed every pass; RQ-VAE:
+``train.steps``; an interrupted build resumes there), then every item is assigned
 in batches of ``eval.batch_size`` with a progress bar. ``DIR`` then holds ``sid_table.npy`` (``[N, D]``
 int32), ``item_ids.npy``, ``sid_table.json``, ``trie/`` (``trie.npz`` + ``trie.json``), ``codebooks.npy``
-(``[L, K, d]``) and ``metrics.json``.
+(``[L, K, d]``; RQ-VAE: in its latent space) and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def build(config_spec: str, embeddings: str | pathlib.Path, out: str | pathlib.P
     from data_pipelines.sid.embeddings import open_embeddings
     from data_pipelines.sid.table import write_table
     from data_pipelines.sid.trie import build_trie, save_trie
-    from launch.config import load_config
+    from launch.config import ConfigError, load_config
     from trainers.checkpoints import Checkpointer
     from trainers.evaluators.sid_metrics import sid_metrics
     from trainers.loop import Trainer
@@ -40,9 +41,12 @@ def build(config_spec: str, embeddings: str | pathlib.Path, out: str | pathlib.P
     config = load_config(config_spec, [*overrides, f"data.embeddings={embeddings}", "data.num_items=0"])
     m, out = config.model, pathlib.Path(out)
     vectors, ids = open_embeddings(embeddings, m.dim)
-    passes = math.ceil(len(vectors) / config.train.batch_size)
-    config.train.steps = m.levels * m.iterations * passes
-    config.train.checkpoint_every = config.train.log_every = passes
+    if config.task == "sid_rq_kmeans":  # the fit's length follows from the item count
+        passes = math.ceil(len(vectors) / config.train.batch_size)
+        config.train.steps = m.levels * m.iterations * passes
+        config.train.checkpoint_every = config.train.log_every = passes
+    elif config.task != "sid_rq_vae":
+        raise ConfigError(f"ecomax sid build fits sid_rq_kmeans or sid_rq_vae configs, not task {config.task!r}")
     trainer = Trainer.create(config, out / "fit")
     trainer.run()
 
@@ -60,7 +64,7 @@ def build(config_spec: str, embeddings: str | pathlib.Path, out: str | pathlib.P
     table = write_table(out, codes, ids, sizes, m.dedup)
     save_trie(build_trie(table, sizes + ([int(table[:, -1].max()) + 1] if m.dedup else []),
                          config.trie.dense_levels), out / "trie")
-    np.save(out / "codebooks.npy", np.asarray(jax.device_get(state.extra["codebooks"])))
+    np.save(out / "codebooks.npy", np.asarray(jax.device_get(trainer.task.codebooks(state))))
     metrics = {"items": len(vectors), **sid_metrics(codes, sizes),
                "dedup_size": int(table[:, -1].max()) + 1 if m.dedup else 0}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -117,8 +117,8 @@ def rq_kmeans_step(state: dict, x: jax.Array, w: jax.Array, rng: jax.Array, *, m
     A pass is ``batches_per_pass`` batches (the whole item set once); at its end the level's centroids
     become the pass means (exact Lloyd over all items, in bounded memory), dead codes are re-seeded, and
     after ``iterations`` passes the schedule moves to the next level. The first batch of a level seeds its
-    codebook from that global batch's residuals: ``init="kmeans++"``, or ``"first"`` (its first ``k`` rows). Once every level is fitted, a step changes
-    nothing. ``chunk_rows``: see ``nearest``. Returns ``(state, metrics)``.
+    codebook from that global batch's residuals: ``init="kmeans++"``, or ``"first"`` (its first ``k``
+    rows). Once every level is fitted, a step changes nothing. ``chunk_rows``: see ``nearest``. Returns ``(state, metrics)``.
     """
     levels, k, _ = state["codebooks"].shape
     if init not in ("kmeans++", "first"):
@@ -132,6 +132,7 @@ def rq_kmeans_step(state: dict, x: jax.Array, w: jax.Array, rng: jax.Array, *, m
             for j in range(level):  # residual of the levels already fitted
                 code, _ = nearest(r, codebooks[j], chunk_rows)
                 r = r - codebooks[j][code]
+
             def seed():
                 rows = jax.lax.all_gather(r, axes, tiled=True)
                 if init == "first":

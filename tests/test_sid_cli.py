@@ -25,8 +25,8 @@ def _cli(*args, devices=2):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _build(src, out, *sets):
-    proc = _cli("sid", "build", "--config", f"{REPO}/configs/sid.py:tiny", "--embeddings", src, "--out", out,
+def _build(src, out, *sets, variant="tiny"):
+    proc = _cli("sid", "build", "--config", f"{REPO}/configs/sid.py:{variant}", "--embeddings", src, "--out", out,
                 *[a for s in sets for a in ("--set", s)])
     output, _ = proc.communicate(timeout=300)
     return proc.returncode, output
@@ -59,6 +59,20 @@ def test_sid_build_writes_table_trie_and_metrics(tmp_path):
     assert metrics == pytest.approx({"items": 700, **sid_metrics(table[:, :3], [16] * 3),
                                      "dedup_size": meta["sizes"][-1]})
     assert metrics["dedup_size"] == metrics["largest_group"]
+
+
+def test_sid_build_with_an_rq_vae(tmp_path):
+    np.save(tmp_path / "items.npy", synthetic_embeddings(600, 32, 24, seed=2))
+    code, output = _build(tmp_path / "items.npy", tmp_path / "out", "train.steps=40", "mesh.data=2",
+                          variant="rqvae_tiny")
+    assert code == 0, output
+    table, ids, meta = load_table(tmp_path / "out")
+    assert table.shape == (600, 4) and len({tuple(r) for r in table.tolist()}) == 600
+    assert np.load(tmp_path / "out" / "codebooks.npy").shape == (3, 16, 8)  # latent space
+    assert np.asarray(accepts(load_trie(tmp_path / "out" / "trie"), table)).all()
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics == pytest.approx({"items": 600, **sid_metrics(table[:, :3], [16] * 3),
+                                     "dedup_size": meta["sizes"][-1]})
 
 
 @pytest.mark.parametrize("problem,message", [

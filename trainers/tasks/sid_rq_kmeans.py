@@ -88,6 +88,9 @@ class RQKMeansTask(Task):
         return ctx.apply(fn, vectors, batch_size=self.config.eval.batch_size,
                          replicated={"codebooks": ctx.extra["codebooks"]})
 
+    def codebooks(self, state) -> jax.Array:
+        return state.extra["codebooks"]  # [L, K, d]
+
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         limit = self.config.eval.max_examples or len(self.vectors)
         m = self.config.model

@@ -75,8 +75,14 @@ class RQVAETask(Task):
     def towers(self) -> dict[str, Tower]:
         return {"assign": Tower(encode_codes, {"x": jax.ShapeDtypeStruct((self.config.model.dim,), np.float32)})}
 
+    def assign(self, ctx: EvalContext, vectors: np.ndarray) -> np.ndarray:
+        """``vectors [n, D] -> codes [n, L]`` on the mesh, in chunks of ``eval.batch_size`` rows."""
+        return ctx.apply(encode_codes, vectors, batch_size=self.config.eval.batch_size)
+
+    def codebooks(self, state) -> jax.Array:
+        return state.params["codebooks"]  # [L, K, latent]
+
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         limit = self.config.eval.max_examples or len(self.vectors)
         m = self.config.model
-        codes = ctx.apply(encode_codes, self.vectors[:limit], batch_size=self.config.eval.batch_size)
-        return sid_metrics(codes, [m.codes] * m.levels)
+        return sid_metrics(self.assign(ctx, self.vectors[:limit]), [m.codes] * m.levels)
