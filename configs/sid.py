@@ -40,7 +40,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         "dedup": True,                  # append TIGER's dedup digit to colliding SIDs
         "chunk_rows": 2048 if arg == "tiny" else 0,  # rows scored at a time (CPU: ~2048; 0: one matmul)
     })
-    c.data.embeddings = ""              # a [N, d] float32 .npy (ids: NAME.ids.npy beside it); "": synthetic
+    c.data.embeddings = ""              # a [N, d] float32 .npy (ids: NAME.ids.npy beside it)
+    c.data.synthetic = arg == "tiny"    # without data.embeddings: generated items (tiny only)
     c.data.num_items = num_items        # 0: the rows of data.embeddings
     c.data.clusters = 24                # synthetic items only
     c.eval = ml_collections.ConfigDict({"batch_size": eval_batch, "max_examples": 0})  # 0: all items
@@ -73,6 +74,7 @@ def rq_vae_config(arg: str) -> ml_collections.ConfigDict:
         "init_iterations": 10,          # Lloyd steps of the first-batch k-means that seeds the codebooks
     })
     c.data.embeddings = ""
+    c.data.synthetic = tiny
     c.data.num_items = 2048 if tiny else 6_600_000
     c.data.clusters = 24
     c.eval = ml_collections.ConfigDict({"batch_size": 1024 if tiny else 65_536, "max_examples": 0})

@@ -42,6 +42,9 @@ class RQKMeansTask(Task):
         d, m = self.config.data, self.config.model
         if d.embeddings:
             return open_embeddings(d.embeddings, m.dim)[0]
+        if not d.synthetic:
+            raise ValueError("this config reads item embeddings: set data.embeddings=ITEMS.npy "
+                             "(or run ecomax sid build --embeddings ITEMS.npy)")
         return synthetic_embeddings(d.num_items, m.dim, d.clusters, self.config.seed)
 
     @property
