@@ -101,7 +101,7 @@ def cpu_name() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script")
-    parser.add_argument("--chunk-rows", type=int, default=2048, help="ecomax model.chunk_rows")
+    parser.add_argument("--chunk-rows", type=int, default=-1, help="ecomax model.chunk_rows (-1: 2^19 / codes)")
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args()
     load_before = os.getloadavg()

@@ -38,7 +38,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         "init": "kmeans++",             # kmeans++ | first (the first batch's first rows)
         "dead_code_reset": True,        # re-seed a code no item chose at the pass's farthest point
         "dedup": True,                  # append TIGER's dedup digit to colliding SIDs
-        "chunk_rows": 2048 if arg == "tiny" else 0,  # rows scored at a time (CPU: ~2048; 0: one matmul)
+        "chunk_rows": -1 if arg == "tiny" else 0,  # rows scored at a time (-1: 2^19 / codes, for CPU; 0: all)
     })
     c.data.embeddings = ""              # a [N, d] float32 .npy (ids: NAME.ids.npy beside it)
     c.data.synthetic = arg == "tiny"    # without data.embeddings: generated items (tiny only)

@@ -22,8 +22,11 @@ def nearest(x: jax.Array, codebook: jax.Array, chunk_rows: int = 0) -> tuple[jax
 
     ``|x - c|^2 = |x|^2 - 2 x.c + |c|^2``: a ``[b, k]`` matmul, as faiss computes it (never ``[b, k, d]``).
     ``chunk_rows > 0`` scores that many rows at a time (``lax.map``), so the ``[rows, k]`` scores stay in
-    cache before the argmin: 2-3x faster on CPU; 0 (one matmul) suits accelerators.
+    cache before the argmin: 2-3x faster on CPU; ``-1``: ``2^19 / k`` rows (2 MB of scores); 0 (one matmul)
+    suits accelerators.
     """
+    if chunk_rows < 0:
+        chunk_rows = max(128, (1 << 19) // codebook.shape[0])
     b = x.shape[0]
     if not chunk_rows or b <= chunk_rows:
         return _nearest(x, codebook)
@@ -113,12 +116,16 @@ def rq_kmeans_step(state: dict, x: jax.Array, w: jax.Array, rng: jax.Array, *, m
 
     ``state`` (task state, replicated in the step): ``codebooks [L, k, d]``; the current pass's
     accumulators ``sums [k, d]``, ``counts [k]``, ``inertia []``, ``far_d2 [k]``, ``far_points [k, d]``;
-    ``usage [L, k]`` (each level's counts in its latest pass); the schedule ``level``, ``iteration``,
-    ``pass_step`` (int32 scalars). ``x [B, d], w [B]`` is one global batch split over ``axes``.
+    ``usage [L, k]`` (each level's counts in its latest pass); ``item_codes [P, L - 1]``, every item's codes
+    at the levels already fitted (P: the rows of a pass); the schedule ``level``, ``iteration``,
+    ``pass_step`` (int32 scalars). ``x [B, d], w [B]`` is one global batch split over ``axes``, batch
+    ``pass_step`` of the pass (the items in a fixed order).
 
     A pass is ``batches_per_pass`` batches (the whole item set once); at its end the level's centroids
     become the pass means (exact Lloyd over all items, in bounded memory), dead codes are re-seeded, and
-    after ``iterations`` passes the schedule moves to the next level. The first batch of a level seeds its
+    after ``iterations`` passes the schedule moves to the next level. Level l's residuals need the codes of
+    levels < l: the first pass of level l finds the codes of level l - 1 (now frozen) and stores them, so
+    a pass costs one nearest-code search per item at every level, not l + 1. The first batch of a level seeds its
     codebook from that global batch's residuals: ``init="kmeans++"``, or ``"first"`` (its first ``k``
     rows). Once every level is fitted, a step changes nothing. ``chunk_rows``: see ``nearest``. Returns ``(state, metrics)``.
     """
@@ -129,10 +136,17 @@ def rq_kmeans_step(state: dict, x: jax.Array, w: jax.Array, rng: jax.Array, *, m
     uniforms = jax.random.uniform(rng, (k,))
 
     def fit(level: int):
-        def shard(codebooks, x, w, far_d2, far_points, first, uniforms):
-            r = x
+        def shard(codebooks, x, w, far_d2, far_points, first, uniforms, cached, pass_step, new_level):
+            b = x.shape[0]
+            start = pass_step * b * jax.lax.psum(1, axes) + jax.lax.axis_index(axes) * b  # this shard's rows
+            cached = jax.lax.dynamic_slice_in_dim(cached, start, b)
+            r, code = x, None
             for j in range(level):  # residual of the levels already fitted
-                code, _ = nearest(r, codebooks[j], chunk_rows)
+                if j < level - 1:  # codes of frozen levels: found once, read back
+                    code = cached[:, j]
+                else:  # the level just frozen: found in this level's first pass, read back in the others
+                    code = jax.lax.cond(new_level, lambda r=r, j=j: nearest(r, codebooks[j], chunk_rows)[0],
+                                        lambda j=j: cached[:, j])
                 r = r - codebooks[j][code]
 
             def seed():
@@ -148,21 +162,33 @@ def rq_kmeans_step(state: dict, x: jax.Array, w: jax.Array, rng: jax.Array, *, m
             far_d2, far_points = merge_far(far_d2, far_points, jax.lax.all_gather(top, axes, tiled=True),
                                            jax.lax.all_gather(r[idx], axes, tiled=True))
             sums = jax.lax.psum((s["sums"], s["counts"], s["inertia"]), axes)
-            return centroids, *sums, far_d2, far_points
+            frozen = jax.lax.all_gather(code if level else jnp.zeros((b,), jnp.int32), axes, tiled=True)
+            return centroids, *sums, far_d2, far_points, frozen
 
         rep = jax.P()
-        return jax.shard_map(shard, mesh=mesh, in_specs=(rep, jax.P(axes), jax.P(axes), rep, rep, rep, rep),
-                             out_specs=(rep,) * 6, check_vma=False)
+        sharded = jax.shard_map(shard, mesh=mesh, in_specs=(rep, jax.P(axes), jax.P(axes)) + (rep,) * 7,
+                                out_specs=(rep,) * 7, check_vma=False)
+
+        def run(*args):
+            *out, frozen = sharded(*args)
+            cached, pass_step, new_level = args[7:]
+            if level:  # remember the frozen level's codes of this batch's items
+                rows = jax.lax.dynamic_update_slice(cached, frozen[:, None], (pass_step * x.shape[0], level - 1))
+                cached = jnp.where(new_level, rows, cached)
+            return *out, cached
+
+        return run
 
     def done(*_):
         s = state
         return s["codebooks"][0], jnp.zeros_like(s["sums"]), jnp.zeros_like(s["counts"]), jnp.zeros(()), \
-            s["far_d2"], s["far_points"]
+            s["far_d2"], s["far_points"], s["item_codes"]
 
     branches = [functools.partial(lambda lv, *a: fit(lv)(*a), lv) for lv in range(levels)] + [done]
     level = jnp.minimum(state["level"], levels)
-    centroids, sums, counts, inertia, far_d2, far_points = jax.lax.switch(
-        level, branches, state["codebooks"], x, w, state["far_d2"], state["far_points"], first, uniforms)
+    centroids, sums, counts, inertia, far_d2, far_points, item_codes = jax.lax.switch(
+        level, branches, state["codebooks"], x, w, state["far_d2"], state["far_points"], first, uniforms,
+        state["item_codes"], state["pass_step"], state["iteration"] == 0)
     fitting = state["level"] < levels
     sums, counts, inertia = state["sums"] + sums, state["counts"] + counts, state["inertia"] + inertia
     end_of_pass = fitting & (state["pass_step"] == batches_per_pass - 1)
@@ -178,7 +204,7 @@ def rq_kmeans_step(state: dict, x: jax.Array, w: jax.Array, rng: jax.Array, *, m
     next_level = iteration == iterations
     keep = lambda a: jnp.where(end_of_pass, jnp.zeros_like(a), a)  # noqa: E731 - reset at a pass's end
     new_state = {
-        "codebooks": codebooks, "usage": usage,
+        "codebooks": codebooks, "usage": usage, "item_codes": item_codes,
         "sums": keep(sums), "counts": keep(counts), "inertia": keep(inertia),
         "far_d2": jnp.where(end_of_pass, jnp.full_like(far_d2, -1.0), far_d2),
         "far_points": keep(far_points),
@@ -193,11 +219,13 @@ def rq_kmeans_step(state: dict, x: jax.Array, w: jax.Array, rng: jax.Array, *, m
     return new_state, metrics
 
 
-def init_rq_kmeans_state(levels: int, codes: int, dim: int) -> dict[str, jax.Array]:
-    """A fresh RQ-KMeans state (see ``rq_kmeans_step``): zero codebooks, empty accumulators, level 0."""
+def init_rq_kmeans_state(levels: int, codes: int, dim: int, items: int) -> dict[str, jax.Array]:
+    """A fresh RQ-KMeans state (see ``rq_kmeans_step``) for ``items`` rows a pass (padding included): zero
+    codebooks, empty accumulators, level 0."""
     zero = lambda *shape: jnp.zeros(shape, jnp.float32)  # noqa: E731
     scalar = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
     return {"codebooks": zero(levels, codes, dim), "usage": jnp.zeros((levels, codes), jnp.int32),
+            "item_codes": jnp.zeros((items, max(levels - 1, 1)), jnp.int32),
             "sums": zero(codes, dim), "counts": zero(codes), "inertia": zero(),
             "far_d2": jnp.full((codes,), -1.0, jnp.float32), "far_points": zero(codes, dim),
             "level": scalar(), "iteration": scalar(), "pass_step": scalar()}

@@ -105,6 +105,8 @@ def test_rq_kmeans_equals_numpy_reference(tmp_path, devices):
                                    batch=config.train.batch_size, seed=config.seed)
     np.testing.assert_allclose(np.asarray(state.extra["codebooks"]), expected, rtol=1e-4, atol=1e-5)
     codes = _assign(x, expected)
+    # the codes of the frozen levels, stored by the fit for every item (padding rows after them)
+    np.testing.assert_array_equal(np.asarray(state.extra["item_codes"])[:len(x)], codes[:, :-1])
     assert result.eval_metrics == pytest.approx(sid_metrics(codes, [m.codes] * m.levels))
     # each level's usage in its last pass: every item counted once (600 items, padding to 768 not counted)
     np.testing.assert_array_equal(np.asarray(state.extra["usage"]).sum(1), [len(x)] * m.levels)

@@ -21,7 +21,8 @@ from trainers.mesh import BATCH_AXES
 from trainers.tasks import EvalContext, Task, Tower, register, with_axes
 
 AXES = {"codebooks": ("levels", "codes", "embed"), "usage": ("levels", "codes"), "sums": ("codes", "embed"),
-        "counts": ("codes",), "far_d2": ("codes",), "far_points": ("codes", "embed")}
+        "counts": ("codes",), "far_d2": ("codes",), "far_points": ("codes", "embed"),
+        "item_codes": ("items", None)}  # [items of a pass, L - 1]: replicated unless sharding.rules.items
 
 
 class NoParams(nnx.Module):
@@ -72,7 +73,8 @@ class RQKMeansTask(Task):
 
     def init_extra(self, params, rng: jax.Array) -> dict:
         m = self.config.model
-        state = init_rq_kmeans_state(m.levels, m.codes, m.dim)
+        rows = self.batches_per_pass * self.config.train.batch_size
+        state = init_rq_kmeans_state(m.levels, m.codes, m.dim, rows)
         return {k: with_axes(v, AXES[k]) if k in AXES else v for k, v in state.items()}
 
     def update(self, ctx, state, batch, rng: jax.Array):
