@@ -79,6 +79,9 @@ class RQKMeansTask(Task):
 
     def update(self, ctx, state, batch, rng: jax.Array):
         m = self.config.model
+        if self.config.train.batch_size < m.codes:
+            raise ValueError(f"train.batch_size={self.config.train.batch_size} < model.codes={m.codes}: a level "
+                             "is seeded from one batch, which needs at least one item per code")
         extra, metrics = rq_kmeans_step(state.extra, batch["x"], batch["w"], rng, mesh=ctx.mesh, axes=BATCH_AXES,
                                         iterations=m.iterations, batches_per_pass=self.batches_per_pass,
                                         init=m.init, reset_dead=m.dead_code_reset, chunk_rows=m.chunk_rows)
