@@ -10,6 +10,7 @@
     ecomax export --workdir DIR --out DIR --format {params,safetensors,stablehlo,scann}
     ecomax launch {local,slurm,gke,tpu-vm} ... -- train ...
     ecomax retrieval bench --gallery G.npy --queries Q.npy [--k 10] [--target-recall 0.99] [--json OUT]
+    ecomax sid build --config configs/sid.py:VARIANT --embeddings items.npy --out DIR
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from launch.demo import add_demo_parser
 from launch.export import add_export_parser
 from launch.launchers import add_launch_parser
 from launch.retrieval import add_retrieval_parser
+from launch.sid import add_sid_parser
 
 # Exit codes of `ecomax train`.
 EXIT_CONFIG_ERROR = 2
@@ -196,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_launch_parser(sub)
     add_retrieval_parser(sub)
+    add_sid_parser(sub)
     return parser
 
 

@@ -1,0 +1,91 @@
+"""Semantic-ID tokenizers: RQ-KMeans fitted level by level on item embeddings.
+
+    ecomax train --config configs/sid.py:tiny --workdir runs/sid
+    ecomax sid build --config configs/sid.py:lite --embeddings items.npy --out sids/
+Arguments: ``tiny`` (synthetic items, CPU, seconds), ``lite`` (OneSearch: 3 levels x 1024 codes),
+``lite_tiger`` (TIGER: 3 x 256 + a dedup digit), both at KuaiSearch-Lite's 6.6M items and 768-d embeddings;
+``rqvae_tiny`` and ``rqvae_lite`` (TIGER's RQ-VAE: 768 -> 512 -> 256 -> 128 -> 32, 3 x 256, beta 0.25).
+"""
+
+import math
+
+import ml_collections
+
+from configs.common import base_config
+
+VARIANTS = {
+    #              levels codes dim  iterations batch   num_items  eval.batch
+    "tiny":       (3,     16,   32,  5,         512,    2048,      1024),
+    "lite":       (3,     1024, 768, 20,        65_536, 6_600_000, 65_536),
+    "lite_tiger": (3,     256,  768, 20,        65_536, 6_600_000, 65_536),
+}
+
+
+def fit_steps(levels: int, iterations: int, num_items: int, batch_size: int) -> int:
+    """Steps of a level-by-level fit: ``iterations`` passes over the items per level."""
+    return levels * iterations * math.ceil(num_items / batch_size)
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    if arg.startswith("rqvae_"):
+        return rq_vae_config(arg)
+    levels, codes, dim, iterations, batch, num_items, eval_batch = VARIANTS[arg]
+    c = base_config()
+    c.task = "sid_rq_kmeans"
+    c.model = ml_collections.ConfigDict({
+        "levels": levels, "codes": codes, "dim": dim,
+        "iterations": iterations,       # Lloyd passes over every item, per level
+        "init": "kmeans++",             # kmeans++ | first (the first batch's first rows)
+        "dead_code_reset": True,        # re-seed a code no item chose at the pass's farthest point
+        "dedup": True,                  # append TIGER's dedup digit to colliding SIDs
+        "chunk_rows": -1 if arg == "tiny" else 0,  # rows scored at a time (-1: 2^19 / codes, for CPU; 0: all)
+    })
+    c.data.embeddings = ""              # a [N, d] float32 .npy (ids: NAME.ids.npy beside it)
+    c.data.synthetic = arg == "tiny"    # without data.embeddings: generated items (tiny only)
+    c.data.num_items = num_items        # 0: the rows of data.embeddings
+    c.data.clusters = 24                # synthetic items only
+    c.eval = ml_collections.ConfigDict({"batch_size": eval_batch, "max_examples": 0})  # 0: all items
+    # dense [prefixes, K] tables for the first levels (root, then <= K prefixes: 4 MB at K = 1024), CSR below
+    c.trie = ml_collections.ConfigDict({"dense_levels": 2})
+    c.train.batch_size = batch
+    passes = math.ceil(num_items / batch)
+    c.train.steps = fit_steps(levels, iterations, num_items, batch)
+    c.train.checkpoint_every = passes * (1 if arg == "tiny" else 5)
+    c.train.log_every = passes
+    c.train.async_checkpoints = True
+    c.sharding.rules.levels = ""
+    c.sharding.rules.codes = ""         # codebooks replicated (3 x 1024 x 768 f32 is 9 MB)
+    return c
+
+
+def rq_vae_config(arg: str) -> ml_collections.ConfigDict:
+    """TIGER's RQ-VAE (Rajput et al. 2023, Sec. 4): 768-d item embeddings, encoder 512 -> 256 -> 128 -> 32,
+    3 levels x 256 codes, beta 0.25, batch 1024. (TIGER trains with Adagrad at lr 0.4 for 20k epochs;
+    ecomax's optimizers are AdamW and SGD: AdamW at 1e-3 here.)"""
+    tiny = arg == "rqvae_tiny"
+    if arg not in ("rqvae_tiny", "rqvae_lite"):
+        raise KeyError(arg)
+    c = base_config()
+    c.task = "sid_rq_vae"
+    c.model = ml_collections.ConfigDict({
+        "dedup": True,
+        "dim": 32 if tiny else 768, "hidden": [64, 32] if tiny else [512, 256, 128], "latent": 8 if tiny else 32,
+        "levels": 3, "codes": 16 if tiny else 256, "beta": 0.25,
+        "init_iterations": 10,          # Lloyd steps of the first-batch k-means that seeds the codebooks
+    })
+    c.data.embeddings = ""
+    c.data.synthetic = tiny
+    c.data.num_items = 2048 if tiny else 6_600_000
+    c.data.clusters = 24
+    c.eval = ml_collections.ConfigDict({"batch_size": 1024 if tiny else 65_536, "max_examples": 0})
+    c.trie = ml_collections.ConfigDict({"dense_levels": 2})
+    c.train.batch_size = 256 if tiny else 1024
+    c.train.steps = 300 if tiny else 200_000
+    c.train.log_every = 50 if tiny else 1000
+    c.train.checkpoint_every = 100 if tiny else 10_000
+    c.optimizer.learning_rate = 3e-3 if tiny else 1e-3
+    c.optimizer.warmup_steps = 10 if tiny else 1000
+    c.optimizer.weight_decay = 0.0
+    c.sharding.rules.levels = ""
+    c.sharding.rules.codes = ""
+    return c

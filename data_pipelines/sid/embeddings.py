@@ -1,0 +1,97 @@
+"""Item embeddings for a SID tokenizer: a user's ``.npy`` (``[N, d]`` float32) read through a memory map,
+checked row by row, served as padded global batches.
+
+Ids are the row numbers unless an id map sits beside the file: for ``items.npy``, ``items.ids.npy``
+(``[N]`` integers, unique). Bad input is an error naming the file and the row.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from data_pipelines.loader import InMemorySource
+
+CHECK_ROWS = 65_536  # rows per chunk of the finiteness check: bounded memory on any N
+
+
+class EmbeddingError(ValueError):
+    """Unusable embeddings or id map; the message names the file and the row."""
+
+
+def id_map_path(path: str | pathlib.Path) -> pathlib.Path:
+    path = pathlib.Path(path)
+    return path.with_name(path.stem + ".ids.npy")
+
+
+def open_embeddings(path: str | pathlib.Path, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(vectors [N, d] float32 memory map, ids [N] int64)``, after checking shape, dtype, dimension against
+    ``dim``, that every row is finite and that the ids are unique."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise EmbeddingError(f"embeddings {path}: no such file")
+    try:
+        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise EmbeddingError(f"embeddings {path}: not a .npy array ({e})") from None
+    if vectors.ndim != 2 or vectors.shape[0] == 0:
+        raise EmbeddingError(f"embeddings {path}: expected a [N, d] array with N > 0, got shape {vectors.shape}")
+    if vectors.dtype != np.float32:
+        raise EmbeddingError(f"embeddings {path}: dtype {vectors.dtype}, expected float32")
+    if dim is not None and vectors.shape[1] != dim:
+        raise EmbeddingError(f"embeddings {path}: dimension {vectors.shape[1]} differs from the config's "
+                             f"model.dim {dim} (row 0 has {vectors.shape[1]} values)")
+    for start in range(0, len(vectors), CHECK_ROWS):
+        bad = ~np.isfinite(vectors[start:start + CHECK_ROWS]).all(axis=1)
+        if bad.any():
+            row = start + int(np.argmax(bad))
+            raise EmbeddingError(f"embeddings {path}: row {row} is not finite (NaN or Inf)")
+    return vectors, _ids(path, len(vectors))
+
+
+def _ids(path: pathlib.Path, n: int) -> np.ndarray:
+    ids_path = id_map_path(path)
+    if not ids_path.is_file():
+        return np.arange(n, dtype=np.int64)
+    ids = np.load(ids_path, allow_pickle=False)
+    if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
+        raise EmbeddingError(f"id map {ids_path}: expected [{n}] integers (one per row of {path.name}), "
+                             f"got {ids.dtype} {ids.shape}")
+    order = np.argsort(ids, kind="stable")
+    same = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+    if len(same):
+        first, second = sorted((int(order[same[0]]), int(order[same[0] + 1])))
+        raise EmbeddingError(f"id map {ids_path}: id {int(ids[first])} appears at rows {first} and {second}")
+    return ids.astype(np.int64)
+
+
+class EmbeddingRows(InMemorySource):
+    """``vectors [N, d]`` as a source of ``{"x": [d] float32, "w": [] float32}`` padded to ``padded_len`` rows
+    (padding: the last row with weight 0), so a pass over the items is a whole number of global batches.
+    Batches are gathered straight from the array (a memory map stays on disk)."""
+
+    def __init__(self, vectors: np.ndarray, padded_len: int | None = None):  # noqa: super().__init__ copies
+        self.vectors, self.n = vectors, len(vectors)
+        self.padded_len = max(self.n, padded_len or self.n)
+
+    def __len__(self) -> int:
+        return self.padded_len
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {k: v[0] for k, v in self.gather(np.asarray([index])).items()}
+
+    def gather(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        indices = np.asarray(indices)
+        return {"x": np.asarray(self.vectors[np.minimum(indices, self.n - 1)], np.float32),
+                "w": (indices < self.n).astype(np.float32)}
+
+
+def synthetic_embeddings(num_items: int, dim: int, clusters: int, seed: int) -> np.ndarray:
+    """``[num_items, dim]`` float32 item embeddings with two-level structure (categories, then products
+    around them, then near-duplicates), L2-normalised like a text encoder's: a stand-in for a catalogue."""
+    rng = np.random.default_rng(seed)
+    categories = rng.normal(size=(clusters, dim))
+    products = categories[rng.integers(clusters, size=4 * clusters)] + 0.5 * rng.normal(size=(4 * clusters, dim))
+    x = products[rng.integers(len(products), size=num_items)] + 0.2 * rng.normal(size=(num_items, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)

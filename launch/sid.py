@@ -1,0 +1,96 @@
+"""``ecomax sid build``: item embeddings -> a fitted SID tokenizer, the SID table, its trie and its metrics.
+
+    ecomax sid build --config configs/sid.py:VARIANT --embeddings items.npy --out DIR [--set key=value ...]
+
+``items.npy`` is ``[N, d]`` float32 (``d`` = the config's ``model.dim``); ids are the row numbers unless
+``items.ids.npy`` (``[N]`` unique integers) sits beside it. The fit runs as a training run in
+``DIR/fit`` (RQ-KMeans: ``levels x iterations`` passes over the items, checkpointed every pass; RQ-VAE:
+``train.steps``; an interrupted build resumes there), then every item is assigned
+in batches of ``eval.batch_size`` with a progress bar. ``DIR`` then holds ``sid_table.npy`` (``[N, D]``
+int32), ``item_ids.npy``, ``sid_table.json``, ``trie/`` (``trie.npz`` + ``trie.json``), ``codebooks.npy``
+(``[L, K, d]``; RQ-VAE: in its latent space) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def build(config_spec: str, embeddings: str | pathlib.Path, out: str | pathlib.Path,
+          overrides: list[str] = ()) -> dict[str, float]:
+    """Fit, assign, write; returns the metrics written to ``out/metrics.json``."""
+    import jax
+    import numpy as np
+    import tqdm
+
+    from data_pipelines.sid.embeddings import open_embeddings
+    from data_pipelines.sid.table import write_table
+    from data_pipelines.sid.trie import build_trie, save_trie
+    from launch.config import ConfigError, load_config
+    from trainers.checkpoints import Checkpointer
+    from trainers.evaluators.sid_metrics import sid_metrics
+    from trainers.loop import Trainer
+    from trainers.tasks import EvalContext
+
+    config = load_config(config_spec, [*overrides, f"data.embeddings={embeddings}", "data.num_items=0"])
+    m, out = config.model, pathlib.Path(out)
+    vectors, ids = open_embeddings(embeddings, m.dim)
+    if config.task == "sid_rq_kmeans":  # the fit's length follows from the item count
+        passes = math.ceil(len(vectors) / config.train.batch_size)
+        config.train.steps = m.levels * m.iterations * passes
+        config.train.checkpoint_every = config.train.log_every = passes
+    elif config.task != "sid_rq_vae":
+        raise ConfigError(f"ecomax sid build fits sid_rq_kmeans or sid_rq_vae configs, not task {config.task!r}")
+    trainer = Trainer.create(config, out / "fit")
+    trainer.run()
+
+    step = trainer.compiled_step()
+    ckpt = Checkpointer(out / "fit" / "checkpoints")
+    try:
+        state, _ = ckpt.restore(config.train.steps, trainer.abstract_state(step))
+    finally:
+        ckpt.close()
+    ctx = EvalContext(trainer.spec.graphdef, state.params, trainer.mesh, config.train.steps, out, {}, state.extra)
+    bs = config.eval.batch_size
+    codes = np.concatenate([trainer.task.assign(ctx, vectors[s:s + bs])
+                            for s in tqdm.trange(0, len(vectors), bs, desc="assign", unit="batch")])
+    sizes = [m.codes] * m.levels
+    table = write_table(out, codes, ids, sizes, m.dedup)
+    save_trie(build_trie(table, sizes + ([int(table[:, -1].max()) + 1] if m.dedup else []),
+                         config.trie.dense_levels), out / "trie")
+    np.save(out / "codebooks.npy", np.asarray(jax.device_get(trainer.task.codebooks(state))))
+    metrics = {"items": len(vectors), **sid_metrics(codes, sizes),
+               "dedup_size": int(table[:, -1].max()) + 1 if m.dedup else 0}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _build(args: argparse.Namespace) -> int:
+    from data_pipelines.sid.embeddings import EmbeddingError
+    from launch.config import ConfigError
+
+    try:
+        metrics = build(args.config, args.embeddings, args.out, args.set)
+    except (EmbeddingError, ConfigError) as e:
+        print(f"ecomax sid build: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"ecomax sid build: {metrics['items']} items, collision rate {metrics['collision_rate']:.4f}, "
+          f"ICR {metrics['icr']:.4f}, largest group {int(metrics['largest_group'])}; wrote {args.out}")
+    return 0
+
+
+def add_sid_parser(sub) -> None:
+    sid = sub.add_parser("sid", help="semantic IDs: fit a tokenizer, assign items, write the table and trie")
+    cmds = sid.add_subparsers(dest="sid_cmd", required=True)
+    p = cmds.add_parser("build", help="fit on item embeddings, assign every item, write table, trie, metrics")
+    p.add_argument("--config", required=True, help="configs/sid.py:VARIANT")
+    p.add_argument("--embeddings", required=True, help="[N, d] float32 .npy (ids: NAME.ids.npy beside it)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.set_defaults(func=_build)
