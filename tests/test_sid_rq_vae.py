@@ -13,7 +13,7 @@ from flax import nnx
 from models.rq_vae import straight_through
 from trainers.checkpoints import Checkpointer
 from trainers.loop import Trainer
-from trainers.sid_losses import reconstruction_loss, rq_loss, rq_vae_loss
+from trainers.losses.semantic_ids import reconstruction_loss, rq_loss, rq_vae_loss
 from trainers.tasks.sid_rq_vae import kmeans_codebooks
 
 

@@ -4,7 +4,8 @@
 * ``tigerfg``: ``q2i_loss``, ``v2t_loss``, ``i2v_loss``, ``srd_loss``, ``sdd_loss`` (TIGER-FG);
 * ``ranking``: ``sigmoid_cross_entropy`` (the CTR objective);
 * ``relevance``: ``binary_relevance_loss`` (query–item match classification);
-* ``grpo``: ``group_advantages``, ``grpo_loss`` (GRPO, for policies trained on their own rollouts).
+* ``grpo``: ``group_advantages``, ``grpo_loss`` (GRPO, for policies trained on their own rollouts);
+* ``semantic_ids``: ``reconstruction_loss``, ``rq_loss``, ``rq_vae_loss`` (RQ-VAE semantic-ID tokenizers).
 """
 
 from trainers.losses.contrastive import dpr_loss, info_nce, symmetric_info_nce

@@ -15,7 +15,7 @@ from data_pipelines.sid.embeddings import EmbeddingRows, open_embeddings, synthe
 from models.rq_vae import RQVAE
 from models.semantic_ids import kmeans_plus_plus, lloyd_sums, nearest
 from trainers.evaluators.sid_metrics import sid_metrics
-from trainers.sid_losses import rq_vae_loss
+from trainers.losses.semantic_ids import rq_vae_loss
 from trainers.tasks import EvalContext, Task, Tower, register
 
 
