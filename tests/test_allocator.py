@@ -16,12 +16,15 @@ from launch.allocator import ENV_ACTIVE, ENV_EXEC, ENV_SWITCH
 
 MIMALLOC = allocator.find("mimalloc")
 needs_mimalloc = pytest.mark.skipif(MIMALLOC is None, reason="the cmeel-mimalloc wheel is not installed")
+AUTO = allocator.choose({})[0]  # what ECOMAX_ALLOCATOR=auto picks here (mimalloc on a fresh set-up)
+needs_auto = pytest.mark.skipif(AUTO.path is None, reason="no allocator library installed")
 MALLOC_LIBS = ("libmimalloc", "libjemalloc", "libtcmalloc")
 
 
 def _clean_env(**extra):
     env = {k: v for k, v in os.environ.items()
-           if k not in (ENV_SWITCH, ENV_ACTIVE, ENV_EXEC, "LD_PRELOAD", "MIMALLOC_PURGE_DELAY", "MALLOC_CONF")}
+           if k not in (ENV_SWITCH, ENV_ACTIVE, ENV_EXEC, "LD_PRELOAD",
+                     *(name for settings in allocator.SETTINGS.values() for name in settings))}
     env.update(extra)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     return env
@@ -72,7 +75,7 @@ PROBE = ("import os, sys\n"
          "sys.exit(int(sys.stdin.read() or 0))\n" % (MALLOC_LIBS,))
 
 
-@needs_mimalloc
+@needs_auto
 def test_reexec_keeps_pid_argv_stdin_and_exit_code():
     proc = subprocess.Popen([sys.executable, "-c", PROBE, "a b", "--c"], env=_clean_env(), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -80,7 +83,7 @@ def test_reexec_keeps_pid_argv_stdin_and_exit_code():
     assert proc.returncode == 7, err
     pid, rest = out.split(" ", 1)
     assert int(pid) == proc.pid  # execve: the same process, so signals to it reach the work
-    assert rest.startswith("['a b', '--c'] True ") and rest.count("libmimalloc") == 1, out  # preloaded once
+    assert rest.startswith("['a b', '--c'] True ") and rest.count(AUTO.path) == 1, out  # preloaded once
 
 
 def test_reexec_never_loops(monkeypatch):
@@ -123,13 +126,22 @@ def _stop(proc):
     return out
 
 
-@needs_mimalloc
+@needs_auto
 def test_train_maps_the_allocator_by_default(tmp_path):
     proc = _running_train(tmp_path)
     maps = _maps(proc.pid)
-    assert MIMALLOC in maps
+    assert AUTO.path in maps
     out = _stop(proc)
-    assert f"ecomax train: allocator: mimalloc ({MIMALLOC}, MIMALLOC_PURGE_DELAY=-1; {ENV_SWITCH}=auto)" in out
+    settings = " ".join(f"{k}={v}" for k, v in allocator.SETTINGS[AUTO.name].items())
+    assert f"ecomax train: allocator: {AUTO.name} ({AUTO.path}, {settings}; {ENV_SWITCH}=auto)" in out
+
+
+@needs_mimalloc
+@pytest.mark.skipif(AUTO.name == "mimalloc", reason="the default test checks it")
+def test_train_maps_mimalloc_when_asked(tmp_path):
+    proc = _running_train(tmp_path, **{ENV_SWITCH: "mimalloc"})
+    assert MIMALLOC in _maps(proc.pid)
+    assert f"ecomax train: allocator: mimalloc ({MIMALLOC}, MIMALLOC_PURGE_DELAY=-1; {ENV_SWITCH}=mimalloc)" in _stop(proc)
 
 
 def test_train_switched_off_maps_no_allocator(tmp_path):
@@ -141,12 +153,13 @@ def test_train_switched_off_maps_no_allocator(tmp_path):
 
 # ---------------------------------------------------------------- what the launchers hand on
 
-@needs_mimalloc
+@needs_auto
 def test_local_children_start_under_it(tmp_path):
     from launch.launchers.local import child_env
 
     env = child_env(_clean_env(), coordinator="c:1", processes=1, rank=0, devices=1)
-    assert env["LD_PRELOAD"].split()[0] == MIMALLOC and env["MIMALLOC_PURGE_DELAY"] == "-1"
+    assert env["LD_PRELOAD"].split()[0] == AUTO.path
+    assert all(env[k] == v for k, v in allocator.SETTINGS[AUTO.name].items())
     off = child_env(_clean_env(**{ENV_SWITCH: "system"}), coordinator="c:1", processes=1, rank=0, devices=1)
     assert "LD_PRELOAD" not in off
 
