@@ -1,6 +1,7 @@
 """ecomax's ViT-B/16 query-tower train step against a PyTorch reference, side by side in one process.
 
-    .venv/bin/python benchmarks/vit_vs_torch.py [--steps 4] [--warmup 1] [--xla-flags "..."] [--no-jemalloc]
+    .venv/bin/python benchmarks/vit_vs_torch.py [--steps 4] [--warmup 1] [--xla-flags "..."]
+        [--allocator auto|system|mimalloc|jemalloc|tcmalloc]
 
 Both sides: ViT-B/16 (224 px, patch 16, 12 x 768, exact GELU, CLS token, final LayerNorm), a 256-d
 linear projection of the CLS token, in-batch InfoNCE against a fixed batch of 256-d keys
@@ -13,11 +14,12 @@ Rounds are interleaved (a JAX step, then a torch step, each timed to completion)
 other processes hits both alike; ``--warmup`` rounds (compilation, first-touch of memory) are not timed.
 Prints each side's examples/s (batch / median step time) and the ratio JAX / torch.
 
-Allocator: on this CPU glibc malloc costs JAX ~20% (pages handed back and faulted in every step, see
-shared/NOTES-performance.md). Unless ``--no-jemalloc``, the script re-executes itself once with
-``libjemalloc.so.2`` in ``LD_PRELOAD`` and ``MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true``
-when the library is installed (Debian: ``apt-get install libjemalloc2``); torch runs under the same
-allocator, so the comparison stays fair.
+Allocator: on this CPU glibc malloc costs JAX ~20-25% (pages handed back and faulted in every step, see
+the README's "Benchmarking"). The script starts under the allocator ``ecomax`` itself would use
+(launch/allocator.py: ``--allocator``, default ``$ECOMAX_ALLOCATOR`` or ``auto`` = the ``cmeel-mimalloc``
+wheel with ``MIMALLOC_PURGE_DELAY=-1``, else jemalloc / tcmalloc when installed), re-executing itself
+once; torch runs under the same allocator, so the comparison stays fair. ``--no-jemalloc`` is the old
+spelling of ``--allocator system``.
 
 ``--xla-flags`` appends to ``XLA_FLAGS`` before JAX starts (e.g. the oneDNN / YNN fusion flags).
 """
@@ -33,30 +35,16 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
-                  "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
-MALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true"
-_REEXEC_MARK = "ECOMAX_VIT_BENCH_REEXEC"
+sys.path.insert(0, str(REPO))
+from launch import allocator as alloc  # noqa: E402
 
 
-def find_jemalloc() -> str | None:
-    return next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
-
-
-def maybe_reexec_with_jemalloc(no_jemalloc: bool) -> None:
-    """Re-execute this script once with jemalloc preloaded (never loops; no-op when absent or disabled)."""
-    if no_jemalloc or os.environ.get(_REEXEC_MARK) or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
-        return
-    lib = find_jemalloc()
-    if lib is None:
-        print("jemalloc: libjemalloc.so.2 not found (apt-get install libjemalloc2); running with glibc malloc",
-              flush=True)
-        return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = ":".join(filter(None, [lib, env.get("LD_PRELOAD", "")]))
-    env["MALLOC_CONF"] = MALLOC_CONF
-    env[_REEXEC_MARK] = "1"
-    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
+def reexec_under_allocator(choice: str) -> None:
+    """Re-execute this script once under ``choice`` (launch/allocator.py; never loops)."""
+    os.environ[alloc.ENV_SWITCH] = choice
+    warning = alloc.ensure()  # does not return when it re-executes
+    if warning:
+        print(f"allocator: {warning}", flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,7 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before JAX starts")
-    p.add_argument("--no-jemalloc", action="store_true", help="do not re-exec with jemalloc preloaded")
+    p.add_argument("--allocator", choices=alloc.CHOICES, default=alloc.requested(os.environ),
+                   help="malloc for both sides (default: $ECOMAX_ALLOCATOR or auto, as ecomax itself)")
+    p.add_argument("--no-jemalloc", dest="allocator", action="store_const", const="system",
+                   help="the old spelling of --allocator system")
     p.add_argument("--json", default=None, help="write the timings here")
     return p.parse_args(argv)
 
@@ -157,7 +148,7 @@ def torch_side(batch: int, images_nchw, keys, threads: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    maybe_reexec_with_jemalloc(args.no_jemalloc)
+    reexec_under_allocator(args.allocator)
     if args.xla_flags:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
     import numpy as np
@@ -173,8 +164,8 @@ def main(argv=None) -> int:
                                                 args.threads)
     print(f"built both in {time.perf_counter() - t0:.1f} s: ecomax ViT-B/16 + proj {jax_params:,} params, "
           f"transformers ViTModel + proj {torch_params:,} params (attention: {attn})", flush=True)
-    allocator = "jemalloc (retain)" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
-    print(f"allocator: {allocator}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; torch threads {args.threads}; "
+    allocator = alloc.current()
+    print(f"{alloc.describe(allocator)}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; torch threads {args.threads}; "
           f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
 
     times = {"jax": [], "torch": []}

@@ -396,6 +396,9 @@ def _bench(args: argparse.Namespace) -> int:
         return EXIT_CONFIG_ERROR
     report["config"] = args.config
     report["overrides"] = list(args.set)
+    from launch.allocator import current as current_allocator
+
+    report["allocator"] = current_allocator()  # what this process runs under (launch/allocator.py)
     print(format_table(report))
     if args.json:
         path = pathlib.Path(args.json)

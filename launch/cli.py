@@ -210,8 +210,28 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+# Commands whose run log (stderr) names the allocator; the others log it at INFO (-v).
+_WORK_COMMANDS = ("train", "bench", "demo")
+
+
 def entry_point() -> None:
-    """The console script: exits without waiting in JAX's shutdown barrier after a failure."""
+    """The console script: first re-executes itself once under a retaining allocator (launch/allocator.py;
+    ``ECOMAX_ALLOCATOR=system`` turns that off), then exits without waiting in JAX's shutdown barrier after
+    a failure."""
+    from launch import allocator
+
+    try:
+        warning = allocator.ensure()  # does not return when it re-executes
+    except allocator.AllocatorError as e:
+        print(f"ecomax: {e}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+    if warning:
+        print(f"ecomax: {warning}", file=sys.stderr)
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    if command in _WORK_COMMANDS:
+        print(f"ecomax {command}: {allocator.describe()}", file=sys.stderr, flush=True)
+    else:
+        logging.getLogger("launch.allocator").info("%s", allocator.describe())
     from launch.distributed import finish_distributed
 
     sys.exit(finish_distributed(main()))

@@ -161,7 +161,8 @@ def test_gke_rejects_inconsistent_requests(kwargs, message):
 
 # ---------------------------------------------------------------- tpu-vm
 
-def test_tpu_vm_command_round_trips_through_shlex(capsys):
+def test_tpu_vm_command_round_trips_through_shlex(capsys, monkeypatch):
+    monkeypatch.delenv("ECOMAX_ALLOCATOR", raising=False)
     tricky = [*TRAIN, "--set", "name=it's a \"test\" $HOME"]
     rc = main(["tpu-vm", "--name", "v5e-16", "--zone", "us-west4-a", "--project", "p", "--remote-dir", "ecomax",
                "--dry-run", "--", *tricky])
@@ -172,7 +173,7 @@ def test_tpu_vm_command_round_trips_through_shlex(capsys):
     assert argv[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "v5e-16", "--zone", "us-west4-a"]
     assert "--worker=all" in argv
     remote = shlex.split(argv[argv.index("--command") + 1])
-    assert remote == ["cd", "ecomax", "&&", "ECOMAX_DISTRIBUTED=auto", "ecomax", *tricky]
+    assert remote == ["cd", "ecomax", "&&", "ECOMAX_DISTRIBUTED=auto", "ECOMAX_ALLOCATOR=auto", "ecomax", *tricky]
 
 
 def test_tpu_vm_prints_when_gcloud_is_absent(tmp_path, capsys, monkeypatch):

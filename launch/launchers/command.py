@@ -12,6 +12,17 @@ CLI_MODULE = "launch.cli"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def allocator_switch(env=None) -> str:
+    """The ``ECOMAX_ALLOCATOR`` value a launcher hands to the processes it starts: the launcher's own
+    (default ``auto``). Each process's ``ecomax`` entry point then preloads that allocator where its
+    library is installed on that host (launch/allocator.py), or runs on glibc malloc where it is not."""
+    import os
+
+    from launch.allocator import requested
+
+    return requested(os.environ if env is None else env)
+
+
 def add_command_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ecomax_args", nargs=argparse.REMAINDER, metavar="-- ARGS",
                         help="the ecomax command line, after `--` (e.g. -- train --config configs/X.py:small)")

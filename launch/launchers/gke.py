@@ -15,6 +15,12 @@ mounted with the Cloud Storage FUSE CSI driver at ``/gcs/BUCKET`` (pod annotatio
 ``gke-gcsfuse/volumes``; the pods' service account needs access to the bucket); a path workdir is a
 ``--pvc`` claim (ReadWriteMany, e.g. Filestore) mounted at that path. Either way ``--workdir`` is
 appended to the ecomax command.
+
+Allocator: every pod gets ``ECOMAX_ALLOCATOR`` (the launcher's own value, default ``auto``); the
+container's ``ecomax`` entry point preloads that allocator where the image has its library. An image
+built with ``pip install`` of ecomax has the ``cmeel-mimalloc`` wheel (a dependency); an image that
+installs ecomax without its dependencies needs ``pip install cmeel-mimalloc`` (or Debian's
+``libjemalloc2``), else its pods run on glibc malloc and their logs say so.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from launch.launchers.command import add_command_argument, command_args
+from launch.allocator import ENV_SWITCH
+from launch.launchers.command import add_command_argument, allocator_switch, command_args
 
 API_VERSION = "jobset.x-k8s.io/v1alpha2"
 REPLICATED_JOB = "workers"
@@ -69,7 +76,8 @@ def _workdir_mount(workdir: str, pvc: str | None) -> tuple[str, dict, dict]:
 
 def build_jobset(ecomax_args: Sequence[str], *, name: str, image: str, nodes: int, accelerator: str,
                  topology: str | None = None, chips_per_node: int | None = None, workdir: str | None = None,
-                 pvc: str | None = None, service_account: str | None = None, max_restarts: int = 0) -> dict:
+                 pvc: str | None = None, service_account: str | None = None, max_restarts: int = 0,
+                 allocator: str = "auto") -> dict:
     """The JobSet as a plain dict (dump it as YAML or JSON)."""
     if not _NAME.match(name):
         raise ValueError(f"--name {name!r}: lowercase letters, digits and '-', starting with a letter, "
@@ -112,6 +120,7 @@ def build_jobset(ecomax_args: Sequence[str], *, name: str, image: str, nodes: in
         {"name": "JAX_PROCESS_ID", "valueFrom": {"fieldRef": {
             "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": ENV_SWITCH, "value": allocator},
     ]
     container = {
         "name": "ecomax",
@@ -190,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = build_jobset(
             command_args(args), name=args.name, image=args.image, nodes=args.nodes, accelerator=args.accelerator,
             topology=args.topology, chips_per_node=args.chips_per_node, workdir=args.workdir, pvc=args.pvc,
-            service_account=args.service_account, max_restarts=args.max_restarts)
+            service_account=args.service_account, max_restarts=args.max_restarts, allocator=allocator_switch())
     except ValueError as e:
         print(f"ecomax launch gke: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,11 @@ Each child runs ``python -m launch.cli ARGS`` (or ``python -m MODULE ARGS`` with
 ``[rank K]``. When a process exits non-zero or is killed, the others get SIGTERM, then SIGKILL after
 ``--grace`` seconds (each child leads its own process group, so its own children go too), and the
 launcher exits non-zero naming the rank. ``--timeout`` bounds the whole job (exit code 124).
+
+Allocator: the children start under the allocator the launcher chose (``ECOMAX_ALLOCATOR``, default
+``auto``; launch/allocator.py): ``LD_PRELOAD`` and the allocator's retain settings are in their
+environment from the start (the library is on this machine), so ``python -m MODULE`` children get it
+too and no child re-executes itself.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import IO
 
+from launch import allocator
 from launch.distributed import (
     ENV_COORDINATOR,
     ENV_CPU_DEVICES,
@@ -62,6 +68,7 @@ def child_env(base: Mapping[str, str], *, coordinator: str, processes: int, rank
     })
     if init_timeout_s is not None:
         env[ENV_INIT_TIMEOUT] = str(init_timeout_s)
+    env, _, _ = allocator.apply(env)  # LD_PRELOAD + settings of the chosen allocator (or none: system)
     return env
 
 

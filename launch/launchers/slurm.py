@@ -8,6 +8,11 @@ count and the process id from the variables srun sets; ``initialize_distributed(
 node's GPUs (jax alone would give each task one GPU). ``srun --kill-on-bad-exit=1`` ends the whole
 step when one task fails. The script is written to ``--output-dir`` and submitted when ``sbatch`` is on
 PATH (``--no-submit`` only writes it); job logs go to ``--output-dir/<job-name>-<job-id>.out``.
+
+Allocator: the script exports ``ECOMAX_ALLOCATOR`` (the launcher's own value, default ``auto``), and
+each task's ``python -m launch.cli`` preloads that allocator on its node where the library is installed
+(the ``cmeel-mimalloc`` wheel in the job's venv, or the node's jemalloc/tcmalloc) by re-executing
+itself once; srun itself is not preloaded. The task's log names the allocator it runs under.
 """
 
 from __future__ import annotations
@@ -22,7 +27,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from launch.launchers.command import CLI_MODULE, REPO_ROOT, add_command_argument, command_args, python_module_argv
+from launch.allocator import ENV_SWITCH
+from launch.launchers.command import (
+    CLI_MODULE,
+    REPO_ROOT,
+    add_command_argument,
+    allocator_switch,
+    command_args,
+    python_module_argv,
+)
 
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
 SUBMIT_TIMEOUT_S = 120
@@ -30,7 +43,7 @@ SUBMIT_TIMEOUT_S = 120
 
 def build_sbatch_script(command: Sequence[str], *, nodes: int, gpus_per_node: int, job_name: str,
                         log_dir: Path, cwd: Path, partition: str | None = None, time_limit: str | None = None,
-                        account: str | None = None) -> str:
+                        account: str | None = None, allocator: str = "auto") -> str:
     """The sbatch script text; ``command`` is the full argv each task runs."""
     if nodes < 1 or gpus_per_node < 0:
         raise ValueError(f"--nodes must be >= 1 and --gpus-per-node >= 0, got {nodes} and {gpus_per_node}")
@@ -56,6 +69,7 @@ def build_sbatch_script(command: Sequence[str], *, nodes: int, gpus_per_node: in
         "set -euo pipefail",
         f"cd {shlex.quote(str(cwd))}",
         "export PYTHONUNBUFFERED=1",
+        f"export {ENV_SWITCH}={shlex.quote(allocator)}  # the task preloads it where installed (launch/allocator.py)",
         f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
         "srun --kill-on-bad-exit=1 --ntasks-per-node=1 " + shlex.join(command),
         "",
@@ -87,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         script = build_sbatch_script(
             python_module_argv(CLI_MODULE, command_args(args)), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
             job_name=args.job_name, log_dir=output_dir, cwd=Path.cwd(), partition=args.partition,
-            time_limit=args.time_limit, account=args.account)
+            time_limit=args.time_limit, account=args.account, allocator=allocator_switch())
     except ValueError as e:
         print(f"ecomax launch slurm: {e}", file=sys.stderr)
         return 2

@@ -4,10 +4,15 @@
         -- train --config configs/X.py:base --workdir gs://my-bucket/runs/x
 
 runs ``gcloud compute tpus tpu-vm ssh NAME --zone Z [--project P] --worker=all --command 'CMD'`` where
-CMD is ``[cd DIR &&] ECOMAX_DISTRIBUTED=auto ecomax ARGS`` (each word quoted with shlex).
+CMD is ``[cd DIR &&] ECOMAX_DISTRIBUTED=auto ECOMAX_ALLOCATOR=auto ecomax ARGS`` (each word quoted with shlex).
 ``ECOMAX_DISTRIBUTED=auto`` makes ``initialize_distributed()`` use jax's TPU detection (a TPU VM sets
 no environment variable that says so). With ``--dry-run``, or when gcloud is not on PATH, the command
 is printed instead of run.
+
+Allocator: CMD also sets ``ECOMAX_ALLOCATOR`` (the launcher's own value, default ``auto``); ``ecomax``
+on each worker preloads that allocator where its library is installed there (the ``cmeel-mimalloc``
+wheel comes with ``pip install`` of ecomax; else the worker's jemalloc/tcmalloc), and runs on glibc
+malloc, saying so in its log, where none is.
 """
 
 from __future__ import annotations
@@ -20,21 +25,24 @@ import sys
 from collections.abc import Sequence
 
 from launch.distributed import ENV_MODE
-from launch.launchers.command import add_command_argument, command_args
+from launch.allocator import ENV_SWITCH
+from launch.launchers.command import add_command_argument, allocator_switch, command_args
 
 
-def remote_command(ecomax_args: Sequence[str], *, entry: str = "ecomax", remote_dir: str | None = None) -> str:
+def remote_command(ecomax_args: Sequence[str], *, entry: str = "ecomax", remote_dir: str | None = None,
+                   allocator: str = "auto") -> str:
     """The shell command each worker runs."""
-    command = f"{ENV_MODE}=auto {shlex.join([entry, *ecomax_args])}"
+    command = f"{ENV_MODE}=auto {ENV_SWITCH}={shlex.quote(allocator)} {shlex.join([entry, *ecomax_args])}"
     return f"cd {shlex.quote(remote_dir)} && {command}" if remote_dir else command
 
 
 def build_ssh_argv(ecomax_args: Sequence[str], *, name: str, zone: str, project: str | None = None,
-                   entry: str = "ecomax", remote_dir: str | None = None) -> list[str]:
+                   entry: str = "ecomax", remote_dir: str | None = None, allocator: str = "auto") -> list[str]:
     argv = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", name, "--zone", zone]
     if project:
         argv += ["--project", project]
-    return argv + ["--worker=all", "--command", remote_command(ecomax_args, entry=entry, remote_dir=remote_dir)]
+    return argv + ["--worker=all", "--command", remote_command(ecomax_args, entry=entry, remote_dir=remote_dir,
+                                                                    allocator=allocator)]
 
 
 def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
@@ -53,8 +61,13 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        switch = allocator_switch()
+    except ValueError as e:
+        print(f"ecomax launch tpu-vm: {e}", file=sys.stderr)
+        return 2
     argv = build_ssh_argv(command_args(args), name=args.name, zone=args.zone, project=args.project,
-                          entry=args.entry, remote_dir=args.remote_dir)
+                          entry=args.entry, remote_dir=args.remote_dir, allocator=switch)
     gcloud = shutil.which("gcloud")
     if args.dry_run or gcloud is None:
         if gcloud is None and not args.dry_run:
