@@ -95,3 +95,14 @@ def synthetic_embeddings(num_items: int, dim: int, clusters: int, seed: int) -> 
     products = categories[rng.integers(clusters, size=4 * clusters)] + 0.5 * rng.normal(size=(4 * clusters, dim))
     x = products[rng.integers(len(products), size=num_items)] + 0.2 * rng.normal(size=(num_items, dim))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def item_vectors(data, dim: int, seed: int) -> np.ndarray:
+    """The ``[N, dim]`` item embeddings a SID config names: ``data.embeddings`` (a ``.npy``) or, with
+    ``data.synthetic``, the clustered synthetic catalogue (``data.num_items``, ``data.clusters``)."""
+    if data.embeddings:
+        return open_embeddings(data.embeddings, dim)[0]
+    if not data.synthetic:
+        raise ValueError("this config reads item embeddings: set data.embeddings=ITEMS.npy "
+                         "(or run ecomax sid build --embeddings ITEMS.npy)")
+    return synthetic_embeddings(data.num_items, dim, data.clusters, seed)

@@ -481,6 +481,11 @@ class ScannTuning:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def report(self, prefix: str) -> dict[str, Any]:
+        """The summary fields reports carry, under ``prefix`` (``ann_``, ``scann/``)."""
+        return {f"{prefix}target_recall": self.target, f"{prefix}target_met": self.met,
+                f"{prefix}tune_s": self.tune_s, f"{prefix}tuning": self.as_dict(), f"{prefix}status": self.message}
+
 
 def tune_scann(searcher: ScannSearcher, sample_queries: np.ndarray, exact_idx: np.ndarray, k: int,
                target: float = DEFAULT_TARGET_RECALL, *, max_leaves_to_search: int | None = None,
@@ -787,11 +792,7 @@ def evaluate_retrieval(query_emb: Any, gallery_emb: Any, gallery_ids: Any, relev
             result[f"ann_recall_vs_exact@{k}"] = _overlap_at_k(ann_idx, exact_idx, k, n)
         result["ann_recall_vs_exact"] = result[f"ann_recall_vs_exact@{ks[-1]}"]
         if tuning is not None:
-            result["ann_target_recall"] = tuning.target
-            result["ann_target_met"] = tuning.met
-            result["ann_tune_s"] = tuning.tune_s
-            result["ann_tuning"] = tuning.as_dict()
-            result["ann_status"] = tuning.message
+            result.update(tuning.report("ann_"))
         log.info("ANN %s: build %.2fs, search %.2fs, recall@%d vs exact %.4f", searcher.kind, build_s,
                  result["ann_search_s"], ks[-1], result["ann_recall_vs_exact"])
     result["ann_kind"] = searcher.kind if searcher is not None else "none"
@@ -975,9 +976,5 @@ def bench_retrieval(queries: Any, gallery: Any, k: int = 10, *, target_recall: f
         out[f"scann_{name}/qps"] = q / dt
         out[f"scann_{name}/recall_vs_exact@{k}"] = _overlap_at_k(idx, jax_idx, k, n)
     if tuning is not None:
-        out["scann/tune_s"] = tuning.tune_s
-        out["scann/target_recall"] = tuning.target
-        out["scann/target_met"] = tuning.met
-        out["scann/tuning"] = tuning.as_dict()
-        out["scann/status"] = tuning.message
+        out.update(tuning.report("scann/"))
     return out

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from data_pipelines.sid.embeddings import EmbeddingRows, open_embeddings, synthetic_embeddings
+from data_pipelines.sid.embeddings import EmbeddingRows, item_vectors
 from models.semantic_ids import init_rq_kmeans_state, residual_codes, rq_kmeans_step
 from trainers.evaluators.sid_metrics import sid_metrics
 from trainers.mesh import BATCH_AXES
@@ -40,13 +40,7 @@ class RQKMeansTask(Task):
 
     @functools.cached_property
     def vectors(self) -> np.ndarray:
-        d, m = self.config.data, self.config.model
-        if d.embeddings:
-            return open_embeddings(d.embeddings, m.dim)[0]
-        if not d.synthetic:
-            raise ValueError("this config reads item embeddings: set data.embeddings=ITEMS.npy "
-                             "(or run ecomax sid build --embeddings ITEMS.npy)")
-        return synthetic_embeddings(d.num_items, m.dim, d.clusters, self.config.seed)
+        return item_vectors(self.config.data, self.config.model.dim, self.config.seed)
 
     @property
     def batches_per_pass(self) -> int:

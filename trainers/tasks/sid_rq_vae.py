@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data_pipelines.sid.embeddings import EmbeddingRows, open_embeddings, synthetic_embeddings
+from data_pipelines.sid.embeddings import EmbeddingRows, item_vectors
 from models.rq_vae import RQVAE
 from models.semantic_ids import kmeans_plus_plus, lloyd_sums, nearest
 from trainers.evaluators.sid_metrics import sid_metrics
@@ -41,13 +41,7 @@ def kmeans_codebooks(z: jax.Array, codes: int, levels: int, rng: jax.Array, iter
 class RQVAETask(Task):
     @functools.cached_property
     def vectors(self) -> np.ndarray:
-        d, m = self.config.data, self.config.model
-        if d.embeddings:
-            return open_embeddings(d.embeddings, m.dim)[0]
-        if not d.synthetic:
-            raise ValueError("this config reads item embeddings: set data.embeddings=ITEMS.npy "
-                             "(or run ecomax sid build --embeddings ITEMS.npy)")
-        return synthetic_embeddings(d.num_items, m.dim, d.clusters, self.config.seed)
+        return item_vectors(self.config.data, self.config.model.dim, self.config.seed)
 
     def build_model(self, rngs: nnx.Rngs) -> RQVAE:
         m = self.config.model
