@@ -1,4 +1,4 @@
-"""The ``ecomax`` command line: train, data, demo, bench, export, launch, retrieval.
+"""The ``ecomax`` command line: train, data, demo, bench, export, launch, retrieval, sid.
 
     ecomax train --config configs/two_tower.py:tiny --workdir runs/tt [--set train.steps=100 ...]
     ecomax data synth {ecom_rf_immr,kuaisearch} --out DIR ...
