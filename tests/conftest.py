@@ -40,3 +40,23 @@ def logged_losses(workdir) -> dict[int, float]:
         if "loss" in record:
             losses[record["step"]] = record["loss"]
     return losses
+
+
+def wait_for_checkpointed_step(workdir, step: int, proc, *, checkpoint: int | None = None, timeout: float = 180):
+    """Until ``proc`` has logged ``step`` and checkpoint ``checkpoint`` (any, if None) has *finished*: Orbax
+    renamed it into place and its integrity record is written (a step without one is discarded on resume)."""
+    import time
+
+    from trainers.checkpoints import has_record
+
+    workdir = pathlib.Path(workdir)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        metrics, saved = workdir / "metrics.jsonl", workdir / "checkpoints"
+        done = [p for p in saved.iterdir() if p.name.isdigit() and has_record(p)] if saved.is_dir() else []
+        if metrics.exists() and any(checkpoint is None or p.name == str(checkpoint) for p in done) and \
+                any(json.loads(line).get("step", 0) >= step for line in metrics.read_text().splitlines()):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"step {step} (and a finished checkpoint) not reached in {workdir}")

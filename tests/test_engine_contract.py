@@ -7,12 +7,11 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, load_test_config
+from conftest import REPO, load_test_config, wait_for_checkpointed_step
 
 from trainers.checkpoints import Checkpointer
 from trainers.losses import group_advantages
@@ -207,19 +206,6 @@ def _metrics(workdir):
     return out
 
 
-def _wait_for_step(workdir, step, proc, checkpoint, timeout=180):
-    """Until ``step`` is logged and checkpoint ``checkpoint`` is on disk (Orbax renames it into place)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        path = workdir / "metrics.jsonl"
-        if path.exists() and any(json.loads(l).get("step", 0) >= step for l in path.read_text().splitlines()) \
-                and (workdir / "checkpoints" / str(checkpoint)).is_dir():
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"step {step} not reached")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("arg,steps,every", [("kmeans", 12, 4), ("grpo", 24, 5)])
 def test_kill_9_at_a_random_step_resumes_bitwise(tmp_path, arg, steps, every):
@@ -233,7 +219,7 @@ def test_kill_9_at_a_random_step_resumes_bitwise(tmp_path, arg, steps, every):
     kill_at = random.Random().randint(every + 1, steps - 1)
     workdir = tmp_path / "killed"
     victim = _train(workdir, arg, *flags)
-    _wait_for_step(workdir, kill_at, victim, checkpoint=every)
+    wait_for_checkpointed_step(workdir, kill_at, victim, checkpoint=every)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=60)
     resumed = _train(workdir, arg, *flags)

@@ -6,12 +6,11 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, wait_for_checkpointed_step
 
 from data_pipelines.sid.embeddings import synthetic_embeddings
 from data_pipelines.sid.table import load_table
@@ -120,15 +119,7 @@ def test_kill_9_of_a_tokenizer_run_resumes_bitwise(tmp_path):
     kill_at = random.Random().randint(5, 60)
     workdir = tmp_path / "killed"
     victim = _train(workdir, *sets)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        assert victim.poll() is None, victim.stdout.read()
-        path = workdir / "metrics.jsonl"
-        saved = workdir / "checkpoints"
-        if path.exists() and saved.is_dir() and any(p.name.isdigit() for p in saved.iterdir()) and \
-                any(json.loads(l).get("step", 0) >= kill_at for l in path.read_text().splitlines()):
-            break
-        time.sleep(0.01)
+    wait_for_checkpointed_step(workdir, kill_at, victim)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=60)
     resumed = _train(workdir, *sets)
