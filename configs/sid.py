@@ -3,7 +3,8 @@
     ecomax train --config configs/sid.py:tiny --workdir runs/sid
     ecomax sid build --config configs/sid.py:lite --embeddings items.npy --out sids/
 Arguments: ``tiny`` (synthetic items, CPU, seconds), ``lite`` (OneSearch: 3 levels x 1024 codes),
-``lite_tiger`` (TIGER: 3 x 256 + a dedup digit), both at KuaiSearch-Lite's 6.6M items and 768-d embeddings;
+``lite_tiger`` (TIGER: 3 x 256 + a dedup digit), ``lite_kuaisearch`` (the KuaiSearch paper's generative
+retrieval rows: 3 x 512 + a dedup digit), all at KuaiSearch-Lite's 6.6M items and 768-d embeddings;
 ``rqvae_tiny`` and ``rqvae_lite`` (TIGER's RQ-VAE: 768 -> 512 -> 256 -> 128 -> 32, 3 x 256, beta 0.25).
 """
 
@@ -18,6 +19,7 @@ VARIANTS = {
     "tiny":       (3,     16,   32,  5,         512,    2048,      1024),
     "lite":       (3,     1024, 768, 20,        65_536, 6_600_000, 65_536),
     "lite_tiger": (3,     256,  768, 20,        65_536, 6_600_000, 65_536),
+    "lite_kuaisearch": (3, 512, 768, 20,        65_536, 6_600_000, 65_536),  # the KuaiSearch GR rows' SIDs
 }
 
 

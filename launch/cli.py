@@ -1,4 +1,4 @@
-"""The ``ecomax`` command line: train, data, demo, bench, export, launch, retrieval, sid.
+"""The ``ecomax`` command line: train, data, demo, bench, export, launch, retrieval, sid, gr.
 
     ecomax train --config configs/two_tower.py:tiny --workdir runs/tt [--set train.steps=100 ...]
     ecomax data synth {ecom_rf_immr,kuaisearch} --out DIR ...
@@ -11,6 +11,7 @@
     ecomax launch {local,slurm,gke,tpu-vm} ... -- train ...
     ecomax retrieval bench --gallery G.npy --queries Q.npy [--k 10] [--target-recall 0.99] [--json OUT]
     ecomax sid build --config configs/sid.py:VARIANT --embeddings items.npy --out DIR
+    ecomax gr sids --config configs/gr.py:VARIANT --out DIR
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from launch.bench import add_bench_parser
 from launch.demo import add_demo_parser
 from launch.export import add_export_parser
 from launch.launchers import add_launch_parser
+from launch.gr import add_gr_parser
 from launch.retrieval import add_retrieval_parser
 from launch.sid import add_sid_parser
 
@@ -199,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_launch_parser(sub)
     add_retrieval_parser(sub)
     add_sid_parser(sub)
+    add_gr_parser(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Per-example transforms of the KuaiSearch recall and relevance tasks: examples -> token-id arrays.
+"""Per-example transforms of the KuaiSearch recall, generative-retrieval and relevance tasks: examples -> token-id arrays.
 
 Each is ``transform(example, rng) -> {name: array}`` (no batch dimension), as the grain loader calls it;
 the ids are ``<s> text </s>`` sentencepiece pieces (``examples.encode_texts`` / ``encode_pairs``).
@@ -29,6 +29,21 @@ class RecallTransform:
         i_ids, i_mask = ex.encode_texts(self.tokenizer, [self.item_texts[pos], self.item_texts[neg]], self.item_len)
         return {"query_ids": q_ids[0], "query_mask": q_mask[0], "pos_ids": i_ids[0], "pos_mask": i_mask[0],
                 "neg_ids": i_ids[1], "neg_mask": i_mask[1]}
+
+
+class GenerativeTransform:
+    """``RecallPair -> {query_ids, query_mask, codes}``: the query (or, for a DSI indexing example, the item's
+    text) and the SID of one of its relevant items, drawn per example among those with a SID
+    (``item_codes [n_items, D]``, -1 rows for items without one; a pair needs at least one)."""
+
+    def __init__(self, tokenizer: Any, item_codes: np.ndarray, query_len: int):
+        self.tokenizer, self.item_codes, self.query_len = tokenizer, item_codes, query_len
+
+    def __call__(self, pair: ex.RecallPair, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        rows = [r for r in pair.positive_rows if self.item_codes[r, 0] >= 0]
+        q_ids, q_mask = ex.encode_texts(self.tokenizer, [pair.query], self.query_len)
+        return {"query_ids": q_ids[0], "query_mask": q_mask[0],
+                "codes": self.item_codes[rows[int(rng.integers(len(rows)))]]}
 
 
 class CrossTransform:

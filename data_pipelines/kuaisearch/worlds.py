@@ -2,6 +2,7 @@
 
     world = RecallWorld.load(config.data, max_vocab=config.model.vocab_size)
     world = RelevanceWorld.load(config.data, max_vocab=config.model.vocab_size)
+    world = GenerativeWorld.load(config.data, max_vocab=...)   # recall + a SID table and its trie
     world = RankWorld.load(config.data, progress=True)
 
 ``data`` is a task config's ``data`` group (attribute access): ``root`` empty means the cached synthetic
@@ -99,6 +100,55 @@ class RecallWorld:
         if not queries:
             raise ValueError(f"{self.root}: no {split!r} session with interactions")
         return queries[:max_examples] if max_examples else queries
+
+
+@dataclasses.dataclass
+class GenerativeWorld:
+    """The recall world joined with a SID table (``data.sid_table``: a folder of ``ecomax gr sids`` or
+    ``ecomax sid build``): every corpus item's SID, the SID trie, and the DSI training examples."""
+
+    recall: RecallWorld
+    item_codes: np.ndarray          # [n_corpus, D] int32, -1 rows for corpus items the table lacks
+    sizes: tuple[int, ...]          # codes per level (the dedup digit included)
+    trie: Any                       # data_pipelines.sid.trie.Trie over the table's rows
+    table_ids: np.ndarray           # [N] item id of each table row (the trie's leaves point at rows)
+
+    @classmethod
+    def load(cls, data: Any, max_vocab: int = 0) -> GenerativeWorld:
+        from data_pipelines.sid.table import codes_of, load_table  # noqa: PLC0415
+        from data_pipelines.sid.trie import load_trie  # noqa: PLC0415
+
+        if not data.sid_table:
+            raise ValueError("generative retrieval needs a SID table: run `ecomax gr sids --config CONFIG --out DIR` "
+                             "(or `ecomax sid build`) and set data.sid_table=DIR")
+        folder = pathlib.Path(data.sid_table)
+        if not (folder / "sid_table.npy").is_file() or not (folder / "trie" / "trie.json").is_file():
+            raise FileNotFoundError(f"data.sid_table {folder}: expected sid_table.npy, item_ids.npy and trie/ "
+                                    f"(written by `ecomax gr sids` or `ecomax sid build`)")
+        recall = RecallWorld.load(data, max_vocab)
+        table, table_ids, meta = load_table(folder)
+        codes = codes_of(recall.corpus.ids, table, table_ids)
+        covered = int((codes[:, 0] >= 0).sum())
+        if covered == 0:
+            raise ValueError(f"data.sid_table {folder}: none of the {len(codes)} corpus items of {recall.root} "
+                             f"has a SID (the table holds {len(table)} other item ids)")
+        if covered < len(codes):
+            import logging  # noqa: PLC0415
+
+            logging.getLogger(__name__).warning(
+                "data.sid_table %s: %d of %d corpus items have no SID; they cannot be generated (counted as "
+                "misses) and their DSI examples are left out", folder, len(codes) - covered, len(codes))
+        return cls(recall, codes, tuple(int(k) for k in meta["sizes"]), load_trie(folder / "trie"), table_ids)
+
+    def training_pairs(self, index_repeats: int = 1) -> list[ex.RecallPair]:
+        """DSI's mixed examples: each train query with a relevant item that has a SID, then every item's text
+        -> its own SID, ``index_repeats`` times (the indexing task)."""
+        has = self.item_codes[:, 0] >= 0
+        pairs = [p for p in self.recall.training_pairs() if any(has[r] for r in p.positive_rows)]
+        if not pairs:
+            raise ValueError(f"{self.recall.root}: no training session has a relevant item with a SID")
+        texts = self.recall.corpus.texts
+        return pairs + [ex.RecallPair(texts[r], (r,)) for r in np.flatnonzero(has).tolist()] * int(index_repeats)
 
 
 @dataclasses.dataclass

@@ -106,3 +106,43 @@ def item_vectors(data, dim: int, seed: int) -> np.ndarray:
         raise ValueError("this config reads item embeddings: set data.embeddings=ITEMS.npy "
                          "(or run ecomax sid build --embeddings ITEMS.npy)")
     return synthetic_embeddings(data.num_items, dim, data.clusters, seed)
+
+
+LSA_MAX_CELLS = 64_000_000  # N x vocab at most for the exact LSA path (256 MB of float32)
+
+
+def _tfidf_rows(ids: np.ndarray, keep: np.ndarray, idf: np.ndarray) -> np.ndarray:
+    """Sublinear TF-IDF rows ``[n, vocab]``, L2-normalised."""
+    rows = np.repeat(np.arange(len(ids)), ids.shape[1])[keep.ravel()]
+    tf = np.zeros((len(ids), len(idf)), np.float32)
+    np.add.at(tf, (rows, ids.ravel()[keep.ravel()]), 1.0)
+    w = np.where(tf > 0, 1.0 + np.log(np.maximum(tf, 1.0)), 0.0).astype(np.float32) * idf[None]
+    return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+
+
+def text_vectors(ids: np.ndarray, mask: np.ndarray, vocab_size: int, dim: int, seed: int = 0,
+                 chunk: int = 4096) -> np.ndarray:
+    """Item text -> ``[N, dim]`` float32 unit vectors for a SID tokenizer, without a trained encoder.
+
+    Sublinear TF-IDF over the token ids (``ids [N, S]``, ``mask [N, S]``; ids below 4 are the tokenizer's
+    specials and left out), then to ``dim``: latent semantic analysis (the top ``dim`` right singular
+    vectors of the TF-IDF matrix) when ``N x vocab`` fits in memory, else a seeded Gaussian random projection
+    (Johnson-Lindenstrauss: cosines kept up to ``O(1/sqrt(dim))``) in chunks of ``chunk`` rows; normalised.
+    Items that share words get nearby vectors, so their SIDs share prefixes: what a generative retriever
+    needs from title embeddings. A row with no usable token is a zero vector (one more point to the fit)."""
+    ids, keep = np.asarray(ids), np.asarray(mask, bool) & (np.asarray(ids) >= 4)
+    doc, tok = np.repeat(np.arange(len(ids)), ids.shape[1])[keep.ravel()], ids.ravel()[keep.ravel()]
+    pairs = np.unique(doc.astype(np.int64) * vocab_size + tok)
+    df = np.bincount(pairs % vocab_size, minlength=vocab_size)
+    idf = (np.log((1 + len(ids)) / (1 + df)) + 1.0).astype(np.float32)
+    if len(ids) * vocab_size <= LSA_MAX_CELLS:
+        w = _tfidf_rows(ids, keep, idf)
+        u, sv, _ = np.linalg.svd(w, full_matrices=False)
+        out = np.zeros((len(ids), dim), np.float32)
+        r = min(dim, len(sv))
+        out[:, :r] = u[:, :r] * sv[:r]
+    else:
+        projection = np.random.default_rng(seed).normal(size=(vocab_size, dim)).astype(np.float32) / np.sqrt(dim)
+        out = np.concatenate([_tfidf_rows(ids[s:s + chunk], keep[s:s + chunk], idf) @ projection
+                              for s in range(0, len(ids), chunk)])
+    return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)

@@ -47,3 +47,12 @@ def load_table(folder: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray, dict
     folder = pathlib.Path(folder)
     return (np.load(folder / "sid_table.npy", allow_pickle=False), np.load(folder / "item_ids.npy", allow_pickle=False),
             json.loads((folder / "sid_table.json").read_text()))
+
+
+def codes_of(item_ids: np.ndarray, table: np.ndarray, table_ids: np.ndarray) -> np.ndarray:
+    """Each of ``item_ids [n]``'s SID from a table (``table [N, D]``, ``table_ids [N]``) -> ``[n, D]`` int32,
+    rows of -1 for items the table does not hold."""
+    order = np.argsort(table_ids, kind="stable")
+    pos = np.clip(np.searchsorted(table_ids[order], item_ids), 0, len(order) - 1)
+    found = table_ids[order][pos] == item_ids
+    return np.where(found[:, None], table[order][pos], -1).astype(np.int32)

@@ -59,3 +59,21 @@ def popularity_ranking(item_ids: np.ndarray, counts: Mapping[int, int], k: int) 
     c = np.array([counts.get(int(i), 0) for i in item_ids.tolist()], dtype=np.int64)
     order = np.argsort(-c, kind="stable")[:k]
     return item_ids[order]
+
+
+def query_baselines(item_ids: np.ndarray, clicks: Mapping[int, int], relevant, ks, *, bm25: tuple | None = None
+                    ) -> dict[str, float]:
+    """The trivial rows a retrieval evaluation reports beside its model, on the same queries:
+    ``popularity/<metric>`` (``popularity_ranking`` for every query) and, with ``bm25 = (query_ids, query_mask,
+    item_token_ids, item_mask, vocab_size)``, ``bm25/<metric>``. ``item_ids [n]`` the corpus, ``clicks`` train
+    click counts, ``relevant`` one id collection per query."""
+    from trainers.evaluators import metrics  # noqa: PLC0415
+
+    ks = tuple(int(k) for k in ks)
+    top = popularity_ranking(item_ids, clicks, max(ks))
+    rows = {"popularity": metrics.retrieval_metrics(np.broadcast_to(top, (len(relevant), top.size)), relevant, ks)}
+    if bm25 is not None:
+        q_ids, q_mask, i_ids, i_mask, vocab = bm25
+        hits = bm25_search(q_ids, q_mask, i_ids, i_mask, max(ks), vocab_size=vocab)
+        rows["bm25"] = metrics.retrieval_metrics(item_ids[hits], relevant, ks)
+    return {f"{name}/{k}": v for name, row in rows.items() for k, v in row.items() if not k.startswith("num_")}

@@ -139,8 +139,7 @@ class KuaiSearchRecallTask(Task):
     # --- evaluation -----------------------------------------------------------------------------------
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
-        from trainers.evaluators import metrics  # noqa: PLC0415
-        from trainers.evaluators.baselines import bm25_search, popularity_ranking  # noqa: PLC0415
+        from trainers.evaluators.baselines import query_baselines  # noqa: PLC0415
         from trainers.evaluators.retrieval import evaluate_retrieval  # noqa: PLC0415
 
         w, d, e = self.world, self.config.data, self.config.eval
@@ -162,11 +161,6 @@ class KuaiSearchRecallTask(Task):
             if key in res:
                 out[key] = res[key]
 
-        top = popularity_ranking(w.corpus.ids, w.clicks, max(ks))
-        pop = metrics.retrieval_metrics(np.broadcast_to(top, (len(queries), top.size)), relevant, ks)
-        out.update({f"popularity/{k}": v for k, v in pop.items() if not k.startswith("num_")})
-        if e.bm25:
-            rows = bm25_search(q_ids, q_mask, i_ids, i_mask, max(ks), vocab_size=w.tokenizer.vocab_size)
-            bm = metrics.retrieval_metrics(w.corpus.ids[rows], relevant, ks)
-            out.update({f"bm25/{k}": v for k, v in bm.items() if not k.startswith("num_")})
+        out.update(query_baselines(w.corpus.ids, w.clicks, relevant, ks, bm25=(
+            q_ids, q_mask, i_ids, i_mask, w.tokenizer.vocab_size) if e.bm25 else None))
         return out

@@ -1,0 +1,44 @@
+"""Generative retrieval: DSI's identifier loss and LTRGR's margin rank loss over the model's own beam.
+
+The model reads a query and generates an item's semantic ID one code per level (``models/gr.py``); every
+level's distribution is a softmax over that level's codes only.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def dsi_loss(level_log_probs: list[jax.Array], codes: jax.Array, weights: jax.Array | None = None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """DSI (Tay et al. 2022, Sec. 3.2): teacher-forced cross-entropy of the identifier's tokens given the
+    query (or, for indexing examples, the item's text), ``-sum_l log p(c_l | c_<l, q)`` averaged over examples.
+
+    ``level_log_probs``: per level ``[B, K_l]`` log-probabilities (``models.gr.code_log_probs``); ``codes
+    [B, D]`` int; ``weights [B]`` (0 for padding, default 1) -> (scalar loss, {code_accuracy, sid_accuracy}):
+    the fraction of levels, and of whole SIDs, whose greedy code under teacher forcing is the target.
+    """
+    w = jnp.ones(codes.shape[:1], jnp.float32) if weights is None else weights.astype(jnp.float32)
+    nll = -sum(jnp.take_along_axis(lp, codes[:, level, None], axis=1)[:, 0] for level, lp in enumerate(level_log_probs))
+    right = jnp.stack([jnp.argmax(lp, axis=1) == codes[:, level] for level, lp in enumerate(level_log_probs)], 1)
+    n = jnp.maximum(jnp.sum(w), 1.0)
+    return jnp.sum(nll * w) / n, {"code_accuracy": jnp.sum(right.mean(1) * w) / n,
+                                  "sid_accuracy": jnp.sum(right.all(1) * w) / n}
+
+
+def ltrgr_rank_loss(positive: jax.Array, candidates: jax.Array, negative: jax.Array, margin: float
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """LTRGR's margin rank loss (Li et al. 2024, "Learning to Rank in Generative Retrieval", Sec. 3.3):
+    ``max(0, s(q, p_neg) - s(q, p_pos) + m)``, with ``s`` the model's log-likelihood of an item's identifier
+    and the negatives taken from the model's own beam (the items it would rank above the clicked one); the
+    loss here averages the hinge over every negative of the beam (LTRGR pairs its two hardest ones).
+
+    ``positive [B]`` log-likelihood of a relevant item's SID; ``candidates [B, W]`` of the beam's SIDs;
+    ``negative [B, W]`` bool (a candidate that is no relevant item, and a real beam entry) -> (loss,
+    {rank_violations: the fraction of negatives within the margin}).
+    """
+    hinge = jax.nn.relu(candidates - positive[:, None] + margin)
+    n = jnp.maximum(jnp.sum(negative), 1)
+    return jnp.sum(jnp.where(negative, hinge, 0.0)) / n, {
+        "rank_violations": jnp.sum(negative & (hinge > 0)) / n}
