@@ -141,3 +141,35 @@ def load_trie(folder: str | pathlib.Path) -> Trie:
     with np.load(folder / "trie.npz", allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
     return Trie(arrays, tuple(meta["sizes"]), int(meta["dense_levels"]), tuple(meta["max_degree"]))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrieConstraint:
+    """A ``Trie`` as the constraint of ``models.beam_search`` (a pytree: pass it into ``jax.jit``).
+
+    ``allowed(level, prefix [N]) -> [N, K_level] bool``; ``advance(level, prefix [N], code [N]) -> [N]``."""
+
+    trie: Trie
+
+    def allowed(self, level: int, prefix: jax.Array) -> jax.Array:
+        return allowed(self.trie, level, prefix)
+
+    def advance(self, level: int, prefix: jax.Array, code: jax.Array) -> jax.Array:
+        return advance(self.trie, level, prefix, code)
+
+
+def leaves_to_items(trie_leaf_offsets: np.ndarray, trie_leaf_rows: np.ndarray, item_ids: np.ndarray,
+                    leaves: np.ndarray, k: int) -> np.ndarray:
+    """Beam leaves -> item ids, on the host: ``leaves [B, W]`` (best first, -1: none) -> ``[B, k]`` (-1 padded).
+
+    A leaf shared by several items (no dedup digit) gives all its table rows, in table order, at the rank
+    of its beam; the list is then cut to ``k``. ``trie_leaf_offsets``/``trie_leaf_rows`` are the trie's
+    ``leaf_offsets``/``leaf_rows``; ``item_ids [N]`` is the table's row -> item id."""
+    offsets, rows, item_ids = (np.asarray(a) for a in (trie_leaf_offsets, trie_leaf_rows, item_ids))
+    out = np.full((len(leaves), k), -1, np.int64 if item_ids.dtype.kind in "iu" else item_ids.dtype)
+    for b, beam in enumerate(np.asarray(leaves)):
+        found = [rows[offsets[leaf]:offsets[leaf + 1]] for leaf in beam if leaf >= 0]
+        picked = np.concatenate(found)[:k] if found else np.zeros(0, np.int64)
+        out[b, :len(picked)] = item_ids[picked]
+    return out
