@@ -2,7 +2,8 @@
 
 Families: ``vit`` (HF ``ViTModel`` / ``ViTFor*``), ``clip`` (``CLIPVisionModel``, or the vision tower of a
 full ``CLIPModel``), ``siglip`` (``SiglipVisionModel`` / vision tower of ``SiglipModel``), ``bert`` (BERT,
-MiniLM e.g. all-MiniLM-L6-v2) and ``xlmr`` (XLM-RoBERTa, RoBERTa).
+MiniLM e.g. all-MiniLM-L6-v2), ``xlmr`` (XLM-RoBERTa, RoBERTa) and ``t5`` (T5 v1.0 / v1.1 and mT5
+``*ForConditionalGeneration`` into ``models.seq2seq.Seq2Seq``).
 
     imp = load_hf("path/to/folder")            # config.json + model.safetensors (or a sharded index)
     imp.config                                  # ViTConfig | TextEncoderConfig built from config.json
@@ -37,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from models.partitioning import path_name
+from models.seq2seq import Seq2Seq, Seq2SeqConfig
 from models.text_encoder import TextEncoder, TextEncoderConfig
 from models.vit import ViT, ViTConfig
 
@@ -171,7 +173,7 @@ def _refuse_pickle(path: pathlib.Path) -> None:
 
 # --- transforms --------------------------------------------------------------------------------------
 
-Config = ViTConfig | TextEncoderConfig
+Config = ViTConfig | TextEncoderConfig | Seq2SeqConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,6 +322,48 @@ BERT_TABLE: list[Row] = [
     *_linear_rows(r"pooler\.dense", "pooler"),
 ]
 
+# T5 / mT5 (HF T5ForConditionalGeneration / MT5ForConditionalGeneration) -> models.seq2seq.Seq2Seq.
+# HF keeps each stack's relative-position table in block 0 and shares it; so does Seq2Seq (layers/0).
+
+
+def _t5_heads_in(a: np.ndarray, c) -> np.ndarray:      # (h*d, e) -> (e, h, d)
+    return a.T.reshape(a.shape[1], c.num_heads, -1)
+
+
+def _t5_heads_out(a: np.ndarray, c) -> np.ndarray:     # (e, h*d) -> (h, d, e)
+    return a.T.reshape(c.num_heads, -1, a.shape[0])
+
+
+T5_HEADS_IN = Transform("q/k/v proj (h*d,e)->(e,h,d)", _t5_heads_in)
+T5_HEADS_OUT = Transform("o proj (e,h*d)->(h,d,e)", _t5_heads_out)
+
+
+def _t5_attn_rows(hf: str, ours: str) -> list[Row]:
+    rows = [_row(rf"{hf}\.{n}\.weight", f"{ours}/{n}", T5_HEADS_IN) for n in ("q", "k", "v")]
+    return rows + [_row(rf"{hf}\.o\.weight", f"{ours}/o", T5_HEADS_OUT),
+                   _row(rf"{hf}\.relative_attention_bias\.weight", f"{ours}/relative_bias", SAME)]
+
+
+_EL, _DL = r"encoder\.block\.(\d+)\.layer", r"decoder\.block\.(\d+)\.layer"
+_E, _D = "encoder/layers/{0}", "decoder/layers/{0}"
+
+T5_TABLE: list[Row] = [
+    _row(r"shared\.weight", "embedding", SAME),
+    *_t5_attn_rows(_EL + r"\.0\.SelfAttention", _E + "/self_attn"),
+    _row(_EL + r"\.0\.layer_norm\.weight", _E + "/self_norm/scale", SAME),
+    _row(_EL + r"\.1\.DenseReluDense\.(wi|wi_0|wi_1|wo)\.weight", _E + "/mlp/{1}", LINEAR),
+    _row(_EL + r"\.1\.layer_norm\.weight", _E + "/mlp_norm/scale", SAME),
+    _row(r"encoder\.final_layer_norm\.weight", "encoder/final_norm/scale", SAME),
+    *_t5_attn_rows(_DL + r"\.0\.SelfAttention", _D + "/self_attn"),
+    _row(_DL + r"\.0\.layer_norm\.weight", _D + "/self_norm/scale", SAME),
+    *_t5_attn_rows(_DL + r"\.1\.EncDecAttention", _D + "/cross_attn")[:4],
+    _row(_DL + r"\.1\.layer_norm\.weight", _D + "/cross_norm/scale", SAME),
+    _row(_DL + r"\.2\.DenseReluDense\.(wi|wi_0|wi_1|wo)\.weight", _D + "/mlp/{1}", LINEAR),
+    _row(_DL + r"\.2\.layer_norm\.weight", _D + "/mlp_norm/scale", SAME),
+    _row(r"decoder\.final_layer_norm\.weight", "decoder/final_norm/scale", SAME),
+    _row(r"lm_head\.weight", "lm_head", LINEAR),
+]
+
 # --- configs -----------------------------------------------------------------------------------------
 
 _HF_ACT = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -339,6 +383,12 @@ _DEFAULTS = {
              "layer_norm_eps": 1e-12, "pad_token_id": 0, "position_embedding_type": "absolute"},
 }
 _DEFAULTS["xlmr"] = {**_DEFAULTS["bert"], "pad_token_id": 1}
+_DEFAULTS["t5"] = {}            # T5 and mT5 differ: _t5_config picks _T5_DEFAULTS / _MT5_DEFAULTS
+_T5_DEFAULTS = {"vocab_size": 32128, "d_model": 512, "d_kv": 64, "d_ff": 2048, "num_layers": 6, "num_heads": 8,
+                "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+                "layer_norm_epsilon": 1e-6, "feed_forward_proj": "relu", "pad_token_id": 0}
+_MT5_DEFAULTS = {**_T5_DEFAULTS, "vocab_size": 250112, "d_ff": 1024, "num_layers": 8, "num_heads": 6,
+                 "feed_forward_proj": "gated-gelu"}
 
 
 def _act(name: str) -> str:
@@ -395,6 +445,35 @@ def _text_config(d: dict, keys: set[str], roberta: bool) -> TextEncoderConfig:
                              position_offset=pad + 1 if roberta else 0, pooler="pooler.dense.weight" in keys)
 
 
+def _t5_config(d: dict, keys: set[str]) -> Seq2SeqConfig:
+    """T5 / mT5 config.json -> Seq2SeqConfig, with the head semantics of transformers 5.x.
+
+    transformers 5 always ties ``lm_head`` to ``shared`` at construction and writes
+    ``tie_word_embeddings: true``; an untied head is simply an ``lm_head.weight`` in the checkpoint (kept,
+    untied, on load). So the checkpoint decides tying here. The ``d_model**-0.5`` output scaling is T5's
+    ``scale_decoder_outputs`` (older configs: ``tie_word_embeddings`` not false); MT5 never scales.
+    """
+    mt5 = d.get("model_type") == "mt5"
+    d = {**(_MT5_DEFAULTS if mt5 else _T5_DEFAULTS), **{k: v for k, v in d.items() if v is not None}}
+    if d.get("is_decoder") or not d.get("is_encoder_decoder", True):
+        raise HFImportError("only encoder-decoder T5 checkpoints (*ForConditionalGeneration) are supported")
+    if mt5:
+        scale = False
+    else:
+        scale = d.get("scale_decoder_outputs", d.get("tie_word_embeddings", True) is not False)
+    try:
+        return Seq2SeqConfig(
+            vocab_size=d["vocab_size"], d_model=d["d_model"], num_heads=d["num_heads"], head_dim=d["d_kv"],
+            d_ff=d["d_ff"], encoder_layers=d["num_layers"],
+            decoder_layers=d.get("num_decoder_layers") or d["num_layers"], feed_forward=d["feed_forward_proj"],
+            relative_buckets=d["relative_attention_num_buckets"],
+            relative_max_distance=d["relative_attention_max_distance"], tie_embeddings="lm_head.weight" not in keys,
+            eps=d["layer_norm_epsilon"], decoder_start_token=d.get("decoder_start_token_id", d["pad_token_id"]),
+            pad_token=d["pad_token_id"], scale_decoder_output=bool(scale))
+    except ValueError as e:
+        raise HFImportError(f"T5 config not supported: {e}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     name: str
@@ -416,10 +495,14 @@ FAMILIES: dict[str, Family] = {
                    lambda d, k: _text_config(d, k, roberta=False), TextEncoder),
     "xlmr": Family("xlmr", BERT_TABLE, "embeddings.word_embeddings.weight",
                    lambda d, k: _text_config(d, k, roberta=True), TextEncoder),
+    "t5": Family("t5", T5_TABLE, "shared.weight", _t5_config, Seq2Seq,
+                 # tied copies of shared.weight in old checkpoints; HF's own ignore list
+                 ignore=(r"(?:encoder|decoder)\.embed_tokens\.weight",
+                         r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight")),
 }
 
 MODEL_TYPES = {"vit": "vit", "clip_vision_model": "clip", "clip": "clip", "siglip_vision_model": "siglip",
-               "siglip": "siglip", "bert": "bert", "xlm-roberta": "xlmr", "roberta": "xlmr"}
+               "siglip": "siglip", "bert": "bert", "xlm-roberta": "xlmr", "roberta": "xlmr", "t5": "t5", "mt5": "t5"}
 _PREFERRED_PREFIXES = ("", "vision_model.", "vit.", "bert.", "roberta.", "model.")
 
 # --- the import ----------------------------------------------------------------------------------------
@@ -508,13 +591,14 @@ def load_hf(path: str | pathlib.Path, *, family: str | None = None, skip: Sequen
             prefix: str | None = None, allow_missing: bool = False, seed: int = 0) -> HFImport:
     """Import a Hugging Face folder (config.json + model.safetensors or a sharded index) into ecomax.
 
-    family: "vit" | "clip" | "siglip" | "bert" | "xlmr"; None = from config.json's model_type.
+    family: "vit" | "clip" | "siglip" | "bert" | "xlmr" | "t5"; None = from config.json's model_type.
     skip: regexes (full match on the HF tensor name) of tensors to ignore.
     prefix: the HF name prefix of the tower to import; None = found from the family's anchor tensor.
     allow_missing: fill ecomax params that no tensor provides from a fresh init (``seed``) instead of
         raising; they are listed in ``report.missing`` either way.
     Returns ``HFImport(family, config, params, report, prefix)``; ``params`` is a pure nested dict of
-    float32 numpy arrays matching ``nnx.to_pure_dict`` of ``ViT(config)`` / ``TextEncoder(config)``.
+    float32 numpy arrays matching ``nnx.to_pure_dict`` of ``ViT(config)`` / ``TextEncoder(config)`` /
+    ``Seq2Seq(config)``.
     """
     path = pathlib.Path(path)
     hf_config = load_hf_config(path)

@@ -30,7 +30,7 @@ LogicalAxes = Sequence[str | None]
 
 # Names the models in this repository use. A rule set may name more; a model may not use fewer-known ones
 # silently: `logical_to_spec` accepts any name, the trainer's config check lists unknown ones.
-LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv", "vocab", "patch", "channels", "classes", "layers")
+LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv", "vocab", "patch", "channels", "classes", "layers", "relpos")
 
 
 def logical_to_spec(axes: LogicalAxes, rules: Rules) -> PartitionSpec:

@@ -176,7 +176,7 @@ def test_unknown_model_type(tmp_path):
         load_hf(folder)
     assert load_hf(folder, family="bert").family == "bert"
     with pytest.raises(HFImportError, match="unknown family"):
-        load_hf(folder, family="t5")
+        load_hf(folder, family="gpt2")
 
 
 def test_tokenizer(tmp_path):
