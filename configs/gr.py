@@ -40,6 +40,7 @@ def t5_model(tiny: bool) -> ml_collections.ConfigDict:
         "relative_buckets": 32,
         "relative_max_distance": 128,
         "tie_embeddings": False,
+        "sid_sizes": (),                    # codes per SID level; empty: the SID table's (set to lower without data)
     })
 
 
@@ -74,12 +75,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval.max_examples = 0             # 0: every test session
     c.eval.bm25 = True
 
-    if ltrgr:  # LTRGR's learning-to-rank phase (Li et al. 2024, Eq. 6-8)
+    if ltrgr:  # LTRGR's learning-to-rank phase (Li et al. 2024, Sec. 3.3), continued from a DSI run
         c.ltrgr = ml_collections.ConfigDict({
             "beams": 10 if tiny else 50,     # candidates per query from the model's own beam search
             "margin": 1.0,                   # m of the margin rank loss
-            "rank_weight": 1.0,              # lambda: L = L_gen + lambda * L_rank
+            "gen_weight": 1.0,               # lambda: L = L_rank + lambda * L_dsi
+            "max_relevant": 8,               # relevant SIDs per query kept to tell negatives apart
         })
+        c.init_from.model = ml_collections.ConfigDict({"format": "ecomax", "path": "", "target": "",
+                                                       "step": 0, "source": ""})  # path: the DSI run
 
     c.train.batch_size = 64 if tiny else 256
     c.train.steps = (300 if ltrgr else 1500) if tiny else 100_000
@@ -90,5 +94,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optimizer.schedule = "cosine"
     c.optimizer.weight_decay = 0.01
     c.train.grad_clip_norm = 1.0
-    c.sharding.rules.relpos = ""
+    c.sharding.rules.relpos = ""          # the shared relative-position table, replicated
     return c

@@ -14,6 +14,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from models import beam_search
+
 
 @dataclasses.dataclass(frozen=True)
 class SIDVocab:
@@ -64,12 +66,7 @@ def sequence_log_prob(vocab: SIDVocab, logits: jax.Array, codes: jax.Array) -> j
 
 
 def code_step(model, vocab: SIDVocab):
-    """The model's KV-cached decoding step in code space, the ``step`` protocol of ``beam_search``:
-    ``(context, cache, prev [N] int32 (-1 at level 0), level) -> (log-probs [N, K_level], cache)``."""
-
-    def step(context, cache, prev: jax.Array, level: int):
-        token = jnp.where(prev < 0, vocab.start, prev + (vocab.offset(level - 1) if level else 0)).astype(jnp.int32)
-        logits, cache = model.step(context, cache, token, jnp.int32(level))
-        return jax.nn.log_softmax(vocab.level_logits(logits, level).astype(jnp.float32), axis=-1), cache
-
-    return step
+    """The model's KV-cached decoding step (``model.step``) in code space: the ``step`` protocol of
+    ``models.beam_search.beam_search``."""
+    return beam_search.code_step(model.step, offsets=[vocab.offset(level) for level in range(vocab.depth)],
+                                 sizes=vocab.sizes, start_token=vocab.start)

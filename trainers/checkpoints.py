@@ -351,6 +351,21 @@ class Checkpointer:
             self._set_aside(step, "checkpoints_corrupt")
         return None
 
+    def read_params(self, step: int | None = None) -> tuple[Any, int]:
+        """``(params as host arrays, step)`` of ``step`` (default: the newest) after verifying it, with no
+        target: for ``init_from`` a checkpoint of another run (another task's state and optimizer). Reads the
+        whole saved state on this host."""
+        steps = self.steps()
+        if not steps or (step is not None and step not in steps):
+            raise CheckpointError(f"{self.directory}: no finished checkpoint{f' at step {step}' if step else ''}; "
+                                  f"finished steps: {steps or 'none'}")
+        step = steps[-1] if step is None else step
+        self.verify(step)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        state = self._manager.restore(step, args=args)["state"]
+        params = state["params"] if isinstance(state, dict) else state.params
+        return jax.tree.map(np.asarray, params), step
+
     def restore_exact(self, step: int, target: Any, data_iter: Any = None) -> tuple[Any, dict]:
         """Restore ``step`` (verified) and set the newer steps aside in ``checkpoints_superseded/``.
 

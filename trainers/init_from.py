@@ -1,12 +1,15 @@
 """Start towers from pretrained weights: ``config.init_from.<name> = {format, path, target, skip, family}``.
 
-Each entry with a non-empty ``path`` imports a Hugging Face folder (``models/hf_import.py``) and puts
+Each entry with a non-empty ``path`` imports a Hugging Face folder (``format="hf"``, ``models/hf_import.py``)
+or the parameters of another ecomax run (``format="ecomax"``: its workdir or checkpoints folder, the newest
+verified step unless ``step``, the subtree ``source`` of them; LTRGR continues a DSI run this way) and puts
 its parameters at ``target`` (a ``/``-separated path into the model's parameters, e.g. ``query/vit``)
 with the shardings the rules give that subtree. Each process places only the shards its own devices
 hold (``jax.make_array_from_callback``): the model is never whole on one device. Applied once, when a
 run starts from scratch; a resumed run takes its weights from the checkpoint.
 
     --set init_from.query.path=/models/vit-base-patch16-224 --set init_from.query.skip='pooler\\..*'
+    --set init_from.model.path=runs/gr_dsi       # (config: format="ecomax", target="")
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ def _replace(tree: dict, target: str, value: Any) -> dict:
 
 def place(imported: Any, current: Any, shardings: Any, where: str) -> Any:
     """Put the host arrays ``imported`` on the devices with ``shardings``, checking ``current``'s shapes."""
-    flat_current = dict(jax.tree_util.tree_flatten_with_path(current)[0])
-    flat_imported = dict(jax.tree_util.tree_flatten_with_path(imported)[0])
-    name = lambda path: where + jax.tree_util.keystr(path, simple=True, separator="/")  # noqa: E731
+    # keyed by "a/0/kernel" names: a restored checkpoint spells list indices as "0", the model as 0
+    flat_current = {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(current)[0]}
+    flat_imported = {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(imported)[0]}
+    name = lambda path: where + (path if isinstance(path, str) else path_name(path))  # noqa: E731
     missing = sorted(name(p) for p in flat_current.keys() - flat_imported.keys())
     extra = sorted(name(p) for p in flat_imported.keys() - flat_current.keys())
     if missing or extra:
@@ -57,12 +61,31 @@ def place(imported: Any, current: Any, shardings: Any, where: str) -> Any:
                          f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
 
     def put(path, leaf, sharding):
-        array = np.asarray(flat_imported[path], dtype=leaf.dtype)
+        array = np.asarray(flat_imported[path_name(path)], dtype=leaf.dtype)
         if array.shape != leaf.shape:
             raise ValueError(f"init_from {name(path)}: imported shape {array.shape} != model shape {leaf.shape}")
         return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
     return jax.tree.map_with_path(put, current, shardings)
+
+
+def _checkpoint_params(path: str, step: int | None, source: str) -> Any:
+    """The parameters of an ecomax run (``path``: its workdir or its ``checkpoints`` folder; the newest
+    finished step unless ``step``), verified, the subtree ``source`` of them (default: all)."""
+    import pathlib  # noqa: PLC0415
+
+    from trainers.checkpoints import Checkpointer  # noqa: PLC0415
+
+    folder = pathlib.Path(path)
+    folder = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
+    if not folder.is_dir():
+        raise FileNotFoundError(f"init_from: {path} is neither an ecomax workdir nor its checkpoints folder")
+    ckpt = Checkpointer(folder, use_async=False)
+    try:
+        params, _ = ckpt.read_params(step)
+    finally:
+        ckpt.close()
+    return _subtree(params, source, f"checkpoint {folder}")
 
 
 def apply_init_from(params: dict, param_shardings: dict, init_from: ml_collections.ConfigDict) -> dict:
@@ -72,14 +95,19 @@ def apply_init_from(params: dict, param_shardings: dict, init_from: ml_collectio
     for name, entry in sorted(init_from.items()):
         if not entry.path:
             continue
-        if entry.format != "hf":
-            raise ValueError(f"init_from.{name}.format={entry.format!r}: only 'hf' (a Hugging Face folder with "
-                             "config.json + model.safetensors) is supported")
-        skip = tuple(s for s in entry.get("skip", "").split(",") if s)
-        imported = load_hf(entry.path, family=entry.get("family", "") or None, skip=skip)
-        log.warning("init_from.%s: %s -> %s\n%s", name, entry.path, entry.target, imported.report)
+        if entry.format == "hf":
+            skip = tuple(s for s in entry.get("skip", "").split(",") if s)
+            imported = load_hf(entry.path, family=entry.get("family", "") or None, skip=skip)
+            log.warning("init_from.%s: %s -> %s\n%s", name, entry.path, entry.target, imported.report)
+            weights = imported.params
+        elif entry.format == "ecomax":
+            weights = _checkpoint_params(entry.path, entry.get("step", 0) or None, entry.get("source", ""))
+            log.warning("init_from.%s: the parameters of checkpoint %s -> %s", name, entry.path, entry.target or "/")
+        else:
+            raise ValueError(f"init_from.{name}.format={entry.format!r}: 'hf' (a Hugging Face folder with "
+                             "config.json + model.safetensors) or 'ecomax' (a run's checkpoints folder)")
         current = _subtree(params, entry.target, "the model")
-        placed = place(imported.params, current, _subtree(param_shardings, entry.target, "the shardings"),
+        placed = place(weights, current, _subtree(param_shardings, entry.target, "the shardings"),
                        f"{entry.target}/")
         params = _replace(params, entry.target, placed)
     return params

@@ -34,16 +34,24 @@ class RecallTransform:
 class GenerativeTransform:
     """``RecallPair -> {query_ids, query_mask, codes}``: the query (or, for a DSI indexing example, the item's
     text) and the SID of one of its relevant items, drawn per example among those with a SID
-    (``item_codes [n_items, D]``, -1 rows for items without one; a pair needs at least one)."""
+    (``item_codes [n_items, D]``, -1 rows for items without one; a pair needs at least one). With
+    ``max_relevant`` > 0 also ``relevant_codes [max_relevant, D]``: the SIDs of its first relevant items,
+    -1 rows after them (a rank loss must not count another relevant item as a negative)."""
 
-    def __init__(self, tokenizer: Any, item_codes: np.ndarray, query_len: int):
+    def __init__(self, tokenizer: Any, item_codes: np.ndarray, query_len: int, max_relevant: int = 0):
         self.tokenizer, self.item_codes, self.query_len = tokenizer, item_codes, query_len
+        self.max_relevant = max_relevant
 
     def __call__(self, pair: ex.RecallPair, rng: np.random.Generator) -> dict[str, np.ndarray]:
         rows = [r for r in pair.positive_rows if self.item_codes[r, 0] >= 0]
         q_ids, q_mask = ex.encode_texts(self.tokenizer, [pair.query], self.query_len)
-        return {"query_ids": q_ids[0], "query_mask": q_mask[0],
-                "codes": self.item_codes[rows[int(rng.integers(len(rows)))]]}
+        target = self.item_codes[rows[int(rng.integers(len(rows)))]]
+        out = {"query_ids": q_ids[0], "query_mask": q_mask[0], "codes": target}
+        if self.max_relevant:
+            relevant = np.full((self.max_relevant, self.item_codes.shape[1]), -1, np.int32)
+            relevant[:min(len(rows), self.max_relevant)] = self.item_codes[rows[:self.max_relevant]]
+            out["relevant_codes"] = relevant
+        return out
 
 
 class CrossTransform:

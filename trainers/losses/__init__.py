@@ -17,4 +17,5 @@ from trainers.losses.relevance import binary_relevance_loss
 from trainers.losses.tigerfg import i2v_loss, q2i_loss, sdd_loss, srd_loss, v2t_loss
 
 __all__ = ["binary_relevance_loss", "dpr_loss", "dsi_loss", "group_advantages", "grpo_loss", "i2v_loss",
-           "info_nce", "ltrgr_rank_loss", "q2i_loss", "sdd_loss", "sigmoid_cross_entropy", "srd_loss", "symmetric_info_nce", "v2t_loss"]
+           "info_nce", "ltrgr_rank_loss", "q2i_loss", "sdd_loss", "sigmoid_cross_entropy", "srd_loss",
+           "symmetric_info_nce", "v2t_loss"]

@@ -1,0 +1,86 @@
+"""Generative retrieval on the synthetic KuaiSearch ``tiny`` world: DSI and LTRGR per SID tokenizer, beside
+the popularity and BM25 rows of the same test sessions.
+
+    python benchmarks/gr_kuaisearch.py [--tokenizers tiny,rqvae_tiny] [--dsi-steps 600] [--ltrgr-steps 300]
+                                       [--json rows.json]
+
+For each tokenizer (a ``configs/sid.py`` variant at the same codebook size, 3 x 16 + the dedup digit): item
+texts -> SIDs (``ecomax gr sids``), DSI trained from scratch, LTRGR continued from the DSI run
+(``init_from``); Recall@K / HitRate@K (K = 10, 20, 50) over the whole 800-item corpus, the SID table's
+collision rate, and the seconds each run took (the machine and its load are printed). The DPR rows of the
+same world come from ``benchmarks/kuaisearch_baselines.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+METRICS = ("recall@10", "recall@20", "recall@50", "hit_rate@10", "hit_rate@50", "mrr")
+
+
+def _run(spec: str, work: pathlib.Path, overrides: list[str]) -> tuple[dict[str, float], float]:
+    import jax
+
+    from launch.config import load_config
+    from trainers.loop import Trainer
+
+    t0 = time.perf_counter()
+    config = load_config(f"{REPO / 'configs/gr.py'}:{spec}", overrides)
+    result = Trainer.create(config, work, jax.devices()[:1]).run()
+    return result.eval_metrics, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from launch.gr import build_sids
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokenizers", default="tiny,rqvae_tiny", help="configs/sid.py variants, comma-separated")
+    p.add_argument("--dsi-steps", type=int, default=600)
+    p.add_argument("--ltrgr-steps", type=int, default=300)
+    p.add_argument("--ltrgr-lr", type=float, default=3e-4)
+    p.add_argument("--json", default="")
+    args = p.parse_args(argv)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        for tok in args.tokenizers.split(","):
+            sids = tmp / f"sids-{tok}"
+            sid_metrics = build_sids(f"{REPO / 'configs/gr.py'}:tiny", sids, tokenizer=f"configs/sid.py:{tok}")
+            common = [f"data.sid_table={sids}", "mesh.data=1"]
+            dsi, t_dsi = _run("tiny", tmp / f"dsi-{tok}", [*common, f"train.steps={args.dsi_steps}",
+                                                           f"train.checkpoint_every={args.dsi_steps}"])
+            ltrgr, t_ltrgr = _run("ltrgr_tiny", tmp / f"ltrgr-{tok}", [
+                *common, f"init_from.model.path={tmp / f'dsi-{tok}'}", f"train.steps={args.ltrgr_steps}",
+                f"optimizer.learning_rate={args.ltrgr_lr}", f"train.checkpoint_every={args.ltrgr_steps}"])
+            for method, ev, secs, steps in (("DSI", dsi, t_dsi, args.dsi_steps),
+                                            ("LTRGR", ltrgr, t_ltrgr, args.ltrgr_steps)):
+                rows.append({"tokenizer": tok, "method": method, "steps": steps, "seconds": round(secs, 1),
+                             "collision_rate": sid_metrics["collision_rate"], **{m: ev[m] for m in METRICS}})
+            if tok == args.tokenizers.split(",")[0]:
+                for base in ("bm25", "popularity"):
+                    rows.append({"tokenizer": "-", "method": base, "steps": 0, "seconds": 0.0,
+                                 "collision_rate": float("nan"), **{m: dsi[f"{base}/{m}"] for m in METRICS}})
+    print("\n| tokenizer | method | steps | " + " | ".join(METRICS) + " | collision rate | seconds |")
+    print("|---" * (len(METRICS) + 5) + "|")
+    for r in rows:
+        print(f"| {r['tokenizer']} | {r['method']} | {r['steps']} | " + " | ".join(f"{r[m]:.3f}" for m in METRICS)
+              + f" | {r['collision_rate']:.3f} | {r['seconds']:.0f} |")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

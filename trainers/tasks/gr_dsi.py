@@ -1,0 +1,130 @@
+"""Generative retrieval on KuaiSearch, DSI-style: a T5 reads the query and generates the semantic ID of an
+item to return; decoding is a beam search constrained by the SID trie, so every result exists.
+
+    ecomax gr sids --config configs/gr.py:tiny --out runs/gr_sids
+    ecomax train --config configs/gr.py:tiny --workdir runs/gr_dsi --set data.sid_table=runs/gr_sids
+
+Data (``GenerativeWorld``): the recall world's train sessions (query -> the SID of one clicked or
+purchased item, drawn per example) mixed with DSI's indexing examples (item text -> its SID,
+``data.index_repeats`` per item per pass). Loss: ``trainers/losses/generative.py:dsi_loss``.
+Evaluation on the test sessions: beam search (``eval.beams``) -> SIDs -> items (``leaf_items``: an item
+per SID with the dedup digit; several items sharing a SID come back together, in table order, ranked by
+their SID's score) -> ``recall@k``, ``hit_rate@k``, ``mrr`` with the DPR rows' definitions (relevant =
+clicked ∪ purchased), ``valid_sid_rate`` (returned SIDs that are in the table; 1 by construction), and
+the ``popularity/`` and ``bm25/`` rows on the same queries.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from flax import nnx
+
+from data_pipelines.kuaisearch import examples as ex
+from data_pipelines.kuaisearch.transforms import GenerativeTransform
+from data_pipelines.kuaisearch.worlds import GenerativeWorld
+from data_pipelines.sid.trie import TrieConstraint, leaves_to_items
+from models.beam_search import beam_search
+from models.gr import SIDVocab, code_log_probs, code_step
+from models.seq2seq import Seq2Seq, Seq2SeqConfig
+from trainers.losses import dsi_loss
+from trainers.tasks import Batch, EvalContext, Metrics, Task, Tower, register
+
+
+def generate(model: Seq2Seq, query_ids: jax.Array, query_mask: jax.Array, trie, *, vocab: SIDVocab, beams: int
+             ) -> dict[str, jax.Array]:
+    """``query_ids, query_mask [B, S]`` -> the ``beams`` best valid SIDs: ``codes [B, W, D]``, ``scores [B, W]``
+    (log-probabilities, best first) and ``leaves [B, W]`` (trie leaf ids, -1 past the valid ones)."""
+    context, cache = model.start(query_ids, query_mask, vocab.depth)
+    out = beam_search(code_step(model, vocab), context, cache, batch=query_ids.shape[0], beams=beams,
+                      sizes=vocab.sizes, constraint=TrieConstraint(trie))
+    return {"codes": out.codes, "scores": out.scores, "leaves": out.leaves}
+
+
+@register("gr_dsi")
+class DSITask(Task):
+    @functools.cached_property
+    def world(self) -> GenerativeWorld:
+        world = GenerativeWorld.load(self.config.data, max_vocab=self.config.model.text_vocab)
+        sizes = tuple(int(k) for k in self.config.model.sid_sizes)
+        if sizes and sizes != world.sizes:
+            raise ValueError(f"model.sid_sizes={sizes}, but the SID table {self.config.data.sid_table} has "
+                             f"{world.sizes} codes per level")
+        return world
+
+    @functools.cached_property
+    def vocab(self) -> SIDVocab:
+        """Text pieces + the SID levels: ``model.text_vocab`` / ``model.sid_sizes`` when set (a paper-scale
+        config lowers from them without data), else the tokenizer's and the SID table's sizes."""
+        m = self.config.model
+        sizes = tuple(int(k) for k in m.sid_sizes) or self.world.sizes
+        return SIDVocab(m.text_vocab or self.world.recall.tokenizer.vocab_size, sizes)
+
+    def model_config(self) -> Seq2SeqConfig:
+        m = self.config.model
+        if m.arch not in ("encoder_decoder", "decoder_only"):
+            raise ValueError(f"model.arch {m.arch!r}: expected 'encoder_decoder' or 'decoder_only'")
+        return Seq2SeqConfig(vocab_size=self.vocab.size, d_model=m.d_model, num_heads=m.num_heads,
+                             head_dim=m.head_dim, d_ff=m.d_ff, encoder_layers=m.encoder_layers,
+                             decoder_layers=m.decoder_layers, feed_forward=m.feed_forward,
+                             relative_buckets=m.relative_buckets, relative_max_distance=m.relative_max_distance,
+                             tie_embeddings=m.tie_embeddings, decoder_only=m.arch == "decoder_only",
+                             decoder_start_token=self.vocab.start)
+
+    def build_model(self, rngs: nnx.Rngs) -> Seq2Seq:
+        return Seq2Seq(self.model_config(), rngs=rngs)
+
+    def inputs(self) -> dict[str, jax.ShapeDtypeStruct]:
+        q = self.config.data.query_len
+        return {"query_ids": jax.ShapeDtypeStruct((q,), np.int32), "query_mask": jax.ShapeDtypeStruct((q,), np.bool_),
+                "codes": jax.ShapeDtypeStruct((self.vocab.depth,), np.int32)}
+
+    def train_source(self):
+        w, d = self.world, self.config.data
+        return w.training_pairs(d.index_repeats), GenerativeTransform(w.recall.tokenizer, w.item_codes, d.query_len)
+
+    def teacher_forced(self, model: Seq2Seq, batch: Batch) -> jax.Array:
+        """``[B, D, V]`` logits of the batch's SIDs given its queries."""
+        return model(batch["query_ids"], batch["query_mask"], self.vocab.decoder_inputs(batch["codes"]))
+
+    def loss(self, model: Seq2Seq, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
+        return dsi_loss(code_log_probs(self.vocab, self.teacher_forced(model, batch)), batch["codes"])
+
+    def towers(self) -> dict[str, Tower]:
+        spec = self.inputs()
+        fn = functools.partial(generate, vocab=self.vocab, beams=self.config.eval.beams)
+        return {"generate": Tower(fn, {"query_ids": spec["query_ids"], "query_mask": spec["query_mask"]})}
+
+    # --- evaluation -----------------------------------------------------------------------------------
+
+    def retrieve(self, ctx: EvalContext, queries: list[str]) -> dict[str, np.ndarray]:
+        """Query texts -> ``items [Q, K]`` (ids, -1 padded; K = max(eval.ks)) and the raw beam."""
+        w, e = self.world, self.config.eval
+        ids, mask = ex.encode_texts(w.recall.tokenizer, queries, self.config.data.query_len)
+        fn = functools.partial(generate, vocab=self.vocab, beams=e.beams)
+        beam = ctx.apply(fn, ids, mask, batch_size=e.batch_size, replicated={"trie": w.trie})
+        a = w.trie.arrays
+        items = leaves_to_items(a["leaf_offsets"], a["leaf_rows"], w.table_ids, beam["leaves"], max(int(k) for k in e.ks))
+        return {**beam, "items": items, "query_ids": ids, "query_mask": mask}
+
+    def evaluate(self, ctx: EvalContext) -> dict[str, float]:
+        from data_pipelines.sid.trie import accepts  # noqa: PLC0415
+        from trainers.evaluators import metrics  # noqa: PLC0415
+        from trainers.evaluators.baselines import query_baselines  # noqa: PLC0415
+
+        w, d, e = self.world, self.config.data, self.config.eval
+        ks = tuple(int(k) for k in e.ks)
+        queries = w.recall.eval_queries(e.split, e.max_examples)
+        relevant = [q.relevant for q in queries]
+        got = self.retrieve(ctx, [q.query for q in queries])
+        out = metrics.retrieval_metrics(got["items"], relevant, ks)
+        live = got["leaves"] >= 0
+        out["valid_sid_rate"] = float(np.asarray(accepts(w.trie, got["codes"][live])).mean()) if live.any() else 0.0
+        out["beam_fill"] = float(live.mean())
+        corpus = w.recall.corpus
+        i_ids, i_mask = ex.encode_texts(w.recall.tokenizer, corpus.texts, d.item_len) if e.bm25 else (None, None)
+        out.update(query_baselines(corpus.ids, w.recall.clicks, relevant, ks, bm25=(
+            got["query_ids"], got["query_mask"], i_ids, i_mask, w.recall.tokenizer.vocab_size) if e.bm25 else None))
+        return out
