@@ -111,8 +111,8 @@ def beam_search(step: Step, context: Any, cache: Any, *, batch: int, beams: int,
         if log_probs.shape != (batch * beams, k):
             raise ValueError(f"beam_search: step gave log-probs {log_probs.shape} at level {level}, "
                              f"expected {(batch * beams, k)}")
+        child = None if constraint is None else _children(constraint, level, prefix)
         if constraint is not None:
-            child = _children(constraint, level, prefix)
             log_probs = jnp.where(child >= 0 if child is not None else constraint.allowed(level, prefix),
                                   log_probs, NEG_INF)
         scores, parent, code = select(scores, log_probs)
@@ -120,12 +120,7 @@ def beam_search(step: Step, context: Any, cache: Any, *, batch: int, beams: int,
         codes = jnp.concatenate([jnp.take_along_axis(codes, parent[:, :, None], axis=1), code[:, :, None]], 2)
         prev = code.reshape(-1)
         if constraint is not None:
-            if child is not None:                               # the chosen candidate's child: a gather
-                flat = (parent * k + code).reshape(batch, beams)
-                nxt = jnp.take_along_axis(child.reshape(batch, beams * k), flat, axis=1).reshape(-1)
-            else:
-                nxt = constraint.advance(level, reorder(prefix, parent), prev)
-            prefix = jnp.where((scores > NEG_INF).reshape(-1), nxt, -1)
+            prefix = _advance(constraint, level, prefix, child, parent, code, scores > NEG_INF)
     live = scores > NEG_INF
     leaves = prefix.reshape(batch, beams) if constraint is not None else jnp.full((batch, beams), -1, jnp.int32)
     if length_penalty is not None:
@@ -138,6 +133,19 @@ def _children(constraint: Constraint, level: int, prefix: jax.Array) -> jax.Arra
     allowed), or None when the constraint only has ``allowed``/``advance``."""
     fn = getattr(constraint, "children", None)
     return None if fn is None else fn(level, prefix)
+
+
+def _advance(constraint: Constraint, level: int, prefix: jax.Array, child: jax.Array | None, parent: jax.Array,
+             code: jax.Array, live: jax.Array) -> jax.Array:
+    """The re-ranked beams' prefixes ``[B*W]``: ``prefix [B*W]`` before the re-ranking, ``child [B*W, K] | None``
+    from ``_children``, ``parent, code, live [B, W]``; -1 for dead beams."""
+    b, w = parent.shape
+    if child is not None:                                   # the chosen candidate's child: one gather
+        flat = parent * child.shape[-1] + code
+        nxt = jnp.take_along_axis(child.reshape(b, -1), flat, axis=1).reshape(-1)
+    else:
+        nxt = constraint.advance(level, reorder(prefix, parent), code.reshape(-1))
+    return jnp.where(live.reshape(-1), nxt, -1)
 
 
 def code_step(token_step: Callable[[Any, Any, jax.Array, int], tuple[jax.Array, Any]], *, offsets: Sequence[int],
