@@ -29,8 +29,23 @@ projection to ``K_level``. The T5 decoder (``models/seq2seq.py``: ``model.start(
 through ``models.beam_search.code_step``.
 
 ms/step = median seconds of one whole search / D levels; queries/s = batch / median seconds. Rounds are
-interleaved (every method once per round) so that load from other processes hits all alike; ``uptime`` is
-printed before and after.
+interleaved (every method once per round) so that load from other processes hits all alike; within a round
+each method first runs ``--rewarm`` untimed times (a server decodes back to back; without it the method
+timed right after the Python loop of host-trie or the seconds of brute-force may pay for cold caches and a
+parked thread pool). ``uptime`` is printed before and after.
+
+Full runs (2026-12-01, 2-core AMD EPYC shared with another job, load average 5-7 throughout; 1M SIDs,
+sizes (256, 256, 256, 32), beam 50; ms/step and the ratio to unconstrained in the same run):
+
+    batch  constrained     unconstrained  host-trie      brute-force
+        8  2.08 (1.29x)    1.62           7.34 (4.54x)   3141 (1942x)     --rewarm 1
+       64  16.01 (1.35x)   11.90          36.36 (3.06x)  24099 (2025x)    --rewarm 1
+        8  3.11 (1.71x)    1.82           7.81 (4.29x)   3544 (1946x)     --rewarm 0
+       64  15.97 (0.94x)   17.03          51.30 (3.01x)  37554 (2206x)    --rewarm 0
+
+host-trie / constrained = 2.3-3.5x. Under this load the constrained/unconstrained ratio moves by +-30%
+between runs; read it with the load. On a CPU the "device" is the host, so the host trie's round trips
+are memory copies: its cost is the Python loop over the B*W beams.
 """
 
 from __future__ import annotations
@@ -270,6 +285,8 @@ def main(argv=None) -> None:
     ap.add_argument("--beams", type=int, default=50)
     ap.add_argument("--batches", default="8,64")
     ap.add_argument("--runs", type=int, default=5, help="timed rounds (median); one warm-up round before")
+    ap.add_argument("--rewarm", type=int, default=1,
+                    help="untimed runs of a method right before each of its timed runs (not brute-force)")
     ap.add_argument("--dense-levels", type=int, default=3, help="trie levels stored as dense tables")
     ap.add_argument("--brute-runs", type=int, default=2, help="timed rounds of brute-force (it is slow)")
     ap.add_argument("--brute-chunk", type=int, default=8192)
@@ -316,6 +333,9 @@ def main(argv=None) -> None:
             for m in methods:
                 if m == "brute-force" and r >= args.brute_runs:
                     continue
+                if m != "brute-force":
+                    for _ in range(args.rewarm):                 # back to back, as a server runs it
+                        block(runners[m]())
                 t = time.perf_counter()
                 block(runners[m]())
                 times[m].append(time.perf_counter() - t)

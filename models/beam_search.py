@@ -21,7 +21,8 @@ by gathering its leading axis when the beams are re-ranked. ``code_step`` adapts
 
 **The constraint protocol** (``None``: unconstrained): ``allowed(level, prefix [N]) -> [N, K_level] bool`` and
 ``advance(level, prefix [N], code [N]) -> [N]`` (the child prefix, -1 where not allowed); prefixes are ints,
-the root is 0, -1 is a dead beam. ``data_pipelines.sid.trie.TrieConstraint`` wraps a ``Trie`` (a pytree: pass
+the root is 0, -1 is a dead beam. Optionally ``children(level, prefix [N]) -> [N, K_level]`` int32 (the child
+of every code, -1 where not allowed): one lookup per level instead of two, which the search then uses. ``data_pipelines.sid.trie.TrieConstraint`` wraps a ``Trie`` (a pytree: pass
 it as a jit argument, not a closed-over constant). After the last level the prefix is the trie's leaf id.
 
 **SIDs shared by several items.** Without a dedup digit one leaf stands for several table rows. The search
@@ -110,21 +111,41 @@ def beam_search(step: Step, context: Any, cache: Any, *, batch: int, beams: int,
         if log_probs.shape != (batch * beams, k):
             raise ValueError(f"beam_search: step gave log-probs {log_probs.shape} at level {level}, "
                              f"expected {(batch * beams, k)}")
+        child = None if constraint is None else _children(constraint, level, prefix)
         if constraint is not None:
-            log_probs = jnp.where(constraint.allowed(level, prefix), log_probs, NEG_INF)
+            log_probs = jnp.where(child >= 0 if child is not None else constraint.allowed(level, prefix),
+                                  log_probs, NEG_INF)
         scores, parent, code = select(scores, log_probs)
         cache = reorder(cache, parent)
         codes = jnp.concatenate([jnp.take_along_axis(codes, parent[:, :, None], axis=1), code[:, :, None]], 2)
         prev = code.reshape(-1)
         if constraint is not None:
-            parent_prefix = reorder(prefix, parent)
-            live = (scores > NEG_INF).reshape(-1)
-            prefix = jnp.where(live, constraint.advance(level, parent_prefix, prev), -1)
+            prefix = _advance(constraint, level, prefix, child, parent, code, scores > NEG_INF)
     live = scores > NEG_INF
     leaves = prefix.reshape(batch, beams) if constraint is not None else jnp.full((batch, beams), -1, jnp.int32)
     if length_penalty is not None:
         scores = scores / gnmt_length_penalty(len(sizes), length_penalty)
     return BeamResult(jnp.where(live[:, :, None], codes, -1), scores, jnp.where(live, leaves, -1).astype(jnp.int32))
+
+
+def _children(constraint: Constraint, level: int, prefix: jax.Array) -> jax.Array | None:
+    """The optional fused lookup: ``children(level, prefix [N]) -> [N, K_level]`` child prefixes (-1: not
+    allowed), or None when the constraint only has ``allowed``/``advance``."""
+    fn = getattr(constraint, "children", None)
+    return None if fn is None else fn(level, prefix)
+
+
+def _advance(constraint: Constraint, level: int, prefix: jax.Array, child: jax.Array | None, parent: jax.Array,
+             code: jax.Array, live: jax.Array) -> jax.Array:
+    """The re-ranked beams' prefixes ``[B*W]``: ``prefix [B*W]`` before the re-ranking, ``child [B*W, K] | None``
+    from ``_children``, ``parent, code, live [B, W]``; -1 for dead beams."""
+    b, w = parent.shape
+    if child is not None:                                   # the chosen candidate's child: one gather
+        flat = parent * child.shape[-1] + code
+        nxt = jnp.take_along_axis(child.reshape(b, -1), flat, axis=1).reshape(-1)
+    else:
+        nxt = constraint.advance(level, reorder(prefix, parent), code.reshape(-1))
+    return jnp.where(live.reshape(-1), nxt, -1)
 
 
 def code_step(token_step: Callable[[Any, Any, jax.Array, int], tuple[jax.Array, Any]], *, offsets: Sequence[int],

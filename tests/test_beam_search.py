@@ -2,6 +2,7 @@
 valid under a trie, the unconstrained global top-W, 8 sharded devices = one, the cache reorder, and the
 leaf -> items rule."""
 
+import dataclasses
 import functools
 import itertools
 
@@ -12,7 +13,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from data_pipelines.sid.table import dedup_digit
-from data_pipelines.sid.trie import TrieConstraint, accepts, build_trie, leaves_to_items
+from data_pipelines.sid import trie as trie_lib
+from data_pipelines.sid.trie import TrieConstraint, accepts, advance, allowed, build_trie, children, leaves_to_items
 from models import beam_search as bs
 
 SIZES = (4, 5, 3)
@@ -284,3 +286,37 @@ def test_leaves_to_items_expands_shared_sids_in_table_order_and_beam_order():
     trie = build_trie(with_dedup, (4, 3, 3), dense_levels=1)
     got = leaves_to_items(trie.arrays["leaf_offsets"], trie.arrays["leaf_rows"], item_ids, np.array([[2, 0]]), k=3)
     np.testing.assert_array_equal(got, [[100, 101, -1]])                    # one item per leaf
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _TwoLookups:
+    """The bare protocol (``allowed`` + ``advance``, no ``children``)."""
+
+    trie: trie_lib.Trie
+
+    def allowed(self, level, prefix):
+        return allowed(self.trie, level, prefix)
+
+    def advance(self, level, prefix, code):
+        return advance(self.trie, level, prefix, code)
+
+
+@pytest.mark.parametrize("dense_levels,compare_max", [(0, 4096), (0, 0), (2, 4096)])
+def test_children_lookup_equals_allowed_and_advance(dense_levels, compare_max, monkeypatch):
+    """``children`` (one lookup, compare or scatter) = ``allowed`` + ``advance``: for every prefix id of
+    every level, and as the search's constraint."""
+    monkeypatch.setattr(trie_lib, "_COMPARE_MAX", compare_max)
+    table = _table(9, 40)
+    trie = build_trie(table, SIZES, dense_levels=dense_levels)
+    for level, k in enumerate(SIZES):
+        ids = np.r_[np.arange(len({tuple(r[:level]) for r in table.tolist()})), -1].astype(np.int32)
+        ch, mask = np.asarray(children(trie, level, ids)), np.asarray(allowed(trie, level, ids))
+        np.testing.assert_array_equal(ch >= 0, mask)
+        for code in range(k):
+            np.testing.assert_array_equal(ch[:, code], np.asarray(advance(trie, level, ids, np.full_like(ids, code))))
+    step, batch = _path_step("random"), 2
+    fused = _search(step, *_state(batch), TrieConstraint(trie), batch=batch, beams=7)
+    bare = _search(step, *_state(batch), _TwoLookups(trie), batch=batch, beams=7)
+    for got, want in zip(fused, bare):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -79,6 +79,9 @@ def build_trie(table: np.ndarray, sizes: list[int] | tuple[int, ...], dense_leve
     return Trie(arrays, tuple(map(int, sizes)), int(dense_levels), tuple(max_degree))
 
 
+_COMPARE_MAX = 4096  # max_degree x K up to which ``allowed`` compares labels with every code instead of scattering
+
+
 def allowed(trie: Trie, level: int, prefix: jax.Array) -> jax.Array:
     """The codes a decoder may emit at ``level`` after each prefix: ``prefix [b]`` int (-1: a dead beam) ->
     ``[b, K_level]`` bool. ``level`` is static (decoders unroll over the few levels)."""
@@ -89,6 +92,8 @@ def allowed(trie: Trie, level: int, prefix: jax.Array) -> jax.Array:
         return (a[f"next_{level}"][p] >= 0) & live[:, None]
     pos, valid = _row_positions(trie, level, p)
     labels = jnp.where(valid & live[:, None], a[f"labels_{level}"][pos], k)  # k: dropped by the scatter
+    if trie.max_degree[level] * k <= _COMPARE_MAX:  # small rows (a dedup digit): compare, no serial scatter
+        return (labels[:, :, None] == jnp.arange(k)[None, None]).any(axis=1)
     return jnp.zeros((prefix.shape[0], k), bool).at[jnp.arange(prefix.shape[0])[:, None], labels].set(True, mode="drop")
 
 
@@ -104,6 +109,22 @@ def advance(trie: Trie, level: int, prefix: jax.Array, code: jax.Array) -> jax.A
         match = valid & (a[f"labels_{level}"][pos] == c[:, None])
         child = jnp.where(match.any(axis=1), pos[jnp.arange(p.shape[0]), jnp.argmax(match, axis=1)], -1)
     return jnp.where(live, child, -1)
+
+
+def children(trie: Trie, level: int, prefix: jax.Array) -> jax.Array:
+    """``allowed`` and ``advance`` in one lookup: ``prefix [b]`` (-1: dead) -> ``[b, K_level]`` int32, the child
+    prefix of every code, -1 where the code is not allowed."""
+    k, a = trie.sizes[level], trie.arrays
+    live = prefix >= 0
+    p = jnp.maximum(prefix, 0)
+    if trie.dense(level):
+        return jnp.where(live[:, None], a[f"next_{level}"][p], -1)
+    pos, valid = _row_positions(trie, level, p)                     # edge e's child is prefix e
+    labels = jnp.where(valid & live[:, None], a[f"labels_{level}"][pos], k)
+    if trie.max_degree[level] * k <= _COMPARE_MAX:
+        return jnp.where(labels[:, :, None] == jnp.arange(k)[None, None], pos[:, :, None], -1).max(axis=1)
+    rows = jnp.arange(prefix.shape[0])[:, None]
+    return jnp.full((prefix.shape[0], k), -1, jnp.int32).at[rows, labels].set(pos.astype(jnp.int32), mode="drop")
 
 
 def _row_positions(trie: Trie, level: int, p: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -148,7 +169,8 @@ def load_trie(folder: str | pathlib.Path) -> Trie:
 class TrieConstraint:
     """A ``Trie`` as the constraint of ``models.beam_search`` (a pytree: pass it into ``jax.jit``).
 
-    ``allowed(level, prefix [N]) -> [N, K_level] bool``; ``advance(level, prefix [N], code [N]) -> [N]``."""
+    ``allowed(level, prefix [N]) -> [N, K_level] bool``; ``advance(level, prefix [N], code [N]) -> [N]``; and
+    ``children(level, prefix [N]) -> [N, K_level]`` int32 (both in one lookup, which the search prefers)."""
 
     trie: Trie
 
@@ -157,6 +179,9 @@ class TrieConstraint:
 
     def advance(self, level: int, prefix: jax.Array, code: jax.Array) -> jax.Array:
         return advance(self.trie, level, prefix, code)
+
+    def children(self, level: int, prefix: jax.Array) -> jax.Array:
+        return children(self.trie, level, prefix)
 
 
 def leaves_to_items(trie_leaf_offsets: np.ndarray, trie_leaf_rows: np.ndarray, item_ids: np.ndarray,
