@@ -133,6 +133,55 @@ class StandInDecoder:
         return jax.nn.log_softmax(h @ params["proj"][level], axis=-1), cache
 
 
+@dataclasses.dataclass(frozen=True)
+class T5Decoder:
+    """The generative retriever's own model (``models/seq2seq.py``, TIGER's sizes: 4 + 4 layers, d 128, 6 x 64
+    heads, MLP 1024) over ``text`` query pieces + the SID code blocks, queries of ``query_len`` random pieces,
+    decoded with its KV cache through ``models.gr.code_step``."""
+
+    sizes: tuple[int, ...]
+    text: int = 2000
+    query_len: int = 16
+
+    @property
+    def vocab(self):
+        from models.gr import SIDVocab
+
+        return SIDVocab(self.text, self.sizes)
+
+    def model(self, params):
+        from flax import nnx
+
+        return nnx.merge(self._graphdef, params)
+
+    @functools.cached_property
+    def _graphdef(self):
+        return self._split[0]
+
+    @functools.cached_property
+    def _split(self):
+        from flax import nnx
+
+        from models.seq2seq import Seq2Seq, tiger
+
+        vocab = self.vocab
+        cfg = tiger(vocab_size=-(-vocab.size // 128) * 128, decoder_start_token=vocab.start)
+        with nnx.use_eager_sharding(False):
+            return nnx.split(Seq2Seq(cfg, rngs=nnx.Rngs(0)))
+
+    def init(self, rng: jax.Array) -> Any:
+        return self._split[1]
+
+    def start(self, params, batch: int, rng: jax.Array) -> tuple[Any, Any]:
+        tokens = jax.random.randint(rng, (batch, self.query_len), 4, self.text)
+        return jax.jit(lambda p, t: self.model(p).start(t, jnp.ones_like(t, bool), len(self.sizes)))(params, tokens)
+
+    def step(self, params, context, cache, prev: jax.Array, level: int):
+        from models.gr import code_step
+
+        return code_step(self.model(params), self.vocab)(context, cache, prev, level)
+
+
 # -------------------------------------------------------------------------------------------- the methods
 
 @jax.tree_util.register_dataclass
@@ -291,6 +340,8 @@ def main(argv=None) -> None:
     ap.add_argument("--brute-runs", type=int, default=2, help="timed rounds of brute-force (it is slow)")
     ap.add_argument("--brute-chunk", type=int, default=8192)
     ap.add_argument("--methods", default="constrained,unconstrained,host-trie,brute-force")
+    ap.add_argument("--decoder", default="stand-in", choices=("stand-in", "t5"),
+                    help="stand-in: one dense layer; t5: the GR model at TIGER's sizes (models/seq2seq.py)")
     args = ap.parse_args(argv)
     if args.quick:
         args.items, args.codes, args.max_dup, args.beams, args.batches, args.runs = 20_000, 32, 12, 10, "4", 3
@@ -311,7 +362,8 @@ def main(argv=None) -> None:
     brute = BruteForceConstraint.of(table, sizes, args.brute_chunk) if "brute-force" in methods else None
     prefixes = host_prefix_dict(table) if "host-trie" in methods else None
     table_set = {tuple(r) for r in table.tolist()}
-    decoder = StandInDecoder(sizes)
+    decoder = StandInDecoder(sizes) if args.decoder == "stand-in" else T5Decoder(sizes)
+    print(f"decoder: {args.decoder}")
     params = decoder.init(jax.random.key(0))
 
     rows = []
@@ -347,7 +399,8 @@ def main(argv=None) -> None:
                              valid=check_valid(results[m], table_set, m), same=same.get(m)))
     print(f"after: {uptime()}")
 
-    print(f"\nbeam {args.beams}, D = {len(sizes)} levels, stand-in decoder d={decoder.d}; median of the timed rounds")
+    what = f"stand-in decoder d={decoder.d}" if args.decoder == "stand-in" else "T5 decoder (TIGER sizes, KV cache)"
+    print(f"\nbeam {args.beams}, D = {len(sizes)} levels, {what}; median of the timed rounds")
     head = f"{'batch':>5} {'method':<14} {'ms/step':>9} {'queries/s':>10} {'x uncon.':>9} {'host/this':>9} " \
            f"{'valid':>6} {'=constr.':>8} {'runs':>4}"
     print(head + "\n" + "-" * len(head))

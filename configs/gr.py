@@ -40,6 +40,7 @@ def t5_model(tiny: bool) -> ml_collections.ConfigDict:
         "relative_buckets": 32,
         "relative_max_distance": 128,
         "tie_embeddings": False,
+        "vocab_multiple": 128,              # embedding rows padded to a multiple (shardable; padding never read)
         "sid_sizes": (),                    # codes per SID level; empty: the SID table's (set to lower without data)
     })
 

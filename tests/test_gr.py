@@ -147,3 +147,39 @@ def test_ltrgr_continues_from_the_dsi_checkpoint_with_a_rank_loss_over_its_own_b
     assert 0.0 <= records[0]["rank_violations"] <= 1.0 and records[0]["rank_loss"] >= 0.0
     ev = result.eval_metrics
     assert ev["valid_sid_rate"] == 1.0
+
+
+def test_gr_lite_lowers_on_8_devices_at_the_paper_shapes(tmp_path):
+    """mT5-base (12 + 12 layers, 250,112 pieces + 3 x 512 codes + a dedup digit), query length 32: the train
+    step and the beam-50 generation lower on a 2 x 2 x 2 (data, fsdp, tensor) mesh, with no data present."""
+    import functools
+
+    from data_pipelines.sid.trie import build_trie
+    from flax import nnx
+
+    from models.partitioning import activation_rules
+    from trainers.loop import Trainer
+    from trainers.state import param_shardings
+    from trainers.tasks.gr_dsi import generate
+
+    config = load_test_config("configs/gr.py:lite", "model.sid_sizes=512,512,512,32", "mesh.data=2", "mesh.fsdp=2",
+                              "mesh.tensor=2")
+    trainer = Trainer.create(config, tmp_path)
+    assert 580e6 < trainer.spec.num_params < 590e6, trainer.spec.num_params  # mT5-base: ~582M + the code rows
+    spec = trainer.task.batch_spec(config.train.batch_size)
+    assert spec["query_ids"].shape == (256, 32) and spec["codes"].shape == (256, 4)
+    assert trainer.lower() is not None
+
+    rng = np.random.default_rng(0)
+    table = np.concatenate([rng.integers(0, 512, (4000, 3)), rng.integers(0, 32, (4000, 1))], 1)
+    trie = build_trie(np.unique(table, axis=0), (512, 512, 512, 32), dense_levels=2)
+    fn = functools.partial(generate, vocab=trainer.task.vocab, beams=config.eval.beams)
+    shardings = param_shardings(trainer.spec, trainer.mesh, trainer.rules)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          trainer.spec.abstract_params, shardings)
+    graphdef = trainer.spec.graphdef
+    with activation_rules(trainer.mesh, trainer.rules):
+        lowered = jax.jit(lambda params, ids, mask, trie: fn(nnx.merge(graphdef, params), ids, mask, trie)).lower(
+            params, jax.ShapeDtypeStruct((8, 32), np.int32), jax.ShapeDtypeStruct((8, 32), np.bool_), trie)
+    text = lowered.as_text()
+    assert "top_k" in text or "TopK" in text

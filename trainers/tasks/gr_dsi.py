@@ -66,7 +66,8 @@ class DSITask(Task):
         m = self.config.model
         if m.arch not in ("encoder_decoder", "decoder_only"):
             raise ValueError(f"model.arch {m.arch!r}: expected 'encoder_decoder' or 'decoder_only'")
-        return Seq2SeqConfig(vocab_size=self.vocab.size, d_model=m.d_model, num_heads=m.num_heads,
+        rows = -(-self.vocab.size // m.vocab_multiple) * m.vocab_multiple  # padded: shards evenly, rows never read
+        return Seq2SeqConfig(vocab_size=rows, d_model=m.d_model, num_heads=m.num_heads,
                              head_dim=m.head_dim, d_ff=m.d_ff, encoder_layers=m.encoder_layers,
                              decoder_layers=m.decoder_layers, feed_forward=m.feed_forward,
                              relative_buckets=m.relative_buckets, relative_max_distance=m.relative_max_distance,
