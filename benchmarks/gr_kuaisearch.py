@@ -48,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizers", default="tiny,rqvae_tiny", help="configs/sid.py variants, comma-separated")
     p.add_argument("--dsi-steps", type=int, default=600)
     p.add_argument("--ltrgr-steps", type=int, default=300)
-    p.add_argument("--ltrgr-lr", type=float, default=3e-4)
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", flush=True)
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                                                            f"train.checkpoint_every={args.dsi_steps}"])
             ltrgr, t_ltrgr = _run("ltrgr_tiny", tmp / f"ltrgr-{tok}", [
                 *common, f"init_from.model.path={tmp / f'dsi-{tok}'}", f"train.steps={args.ltrgr_steps}",
-                f"optimizer.learning_rate={args.ltrgr_lr}", f"train.checkpoint_every={args.ltrgr_steps}"])
+                f"train.checkpoint_every={args.ltrgr_steps}"])
             for method, ev, secs, steps in (("DSI", dsi, t_dsi, args.dsi_steps),
                                             ("LTRGR", ltrgr, t_ltrgr, args.ltrgr_steps)):
                 rows.append({"tokenizer": tok, "method": method, "steps": steps, "seconds": round(secs, 1),

@@ -10,6 +10,8 @@ Arguments:
   ``tiny``: DSI (Tay et al. 2022) on the synthetic KuaiSearch world: a 2 + 2-layer, 64-wide T5 over the
     world's sentencepiece pieces plus one block of code tokens per SID level, trained on query -> SID of a
     clicked or purchased item, mixed with item text -> SID (DSI's indexing examples); CPU, minutes.
+  ``tiger_tiny``: TIGER-style sequential recommendation (Rajput et al. 2023) on the same world and SIDs:
+    a user's last 20 clicked items' SIDs -> the next item's SID, leave-one-out split.
   ``ltrgr_tiny``: LTRGR (Li et al. 2024): DSI's loss plus a margin rank loss over the model's own
     beam candidates, continued from a DSI checkpoint (``init_from``).
   ``lite``: the KuaiSearch paper's official GR setup on KuaiSearch-Lite (``data.root``): mT5-base
@@ -22,7 +24,7 @@ import ml_collections
 
 from configs.common import KUAISEARCH_SYNTHETIC, base_config
 
-VARIANTS = ("tiny", "ltrgr_tiny", "lite", "ltrgr_lite")
+VARIANTS = ("tiny", "ltrgr_tiny", "tiger_tiny", "lite", "ltrgr_lite")
 
 
 def t5_model(tiny: bool) -> ml_collections.ConfigDict:
@@ -48,9 +50,9 @@ def t5_model(tiny: bool) -> ml_collections.ConfigDict:
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise KeyError(arg)
-    tiny, ltrgr = arg.endswith("tiny"), arg.startswith("ltrgr")
+    tiny, ltrgr, tiger = arg.endswith("tiny"), arg.startswith("ltrgr"), arg.startswith("tiger")
     c = base_config()
-    c.task = "gr_ltrgr" if ltrgr else "gr_dsi"
+    c.task = "gr_ltrgr" if ltrgr else "gr_tiger" if tiger else "gr_dsi"
     c.model = t5_model(tiny)
 
     c.data.root = ""                    # empty: the synthetic world below
@@ -62,6 +64,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.item_len = 48 if tiny else 64  # DSI indexing examples: item title + brand + categories
     c.data.sid_table = ""               # a folder written by `ecomax gr sids` or `ecomax sid build`
     c.data.index_repeats = 1            # item text -> SID examples per item per pass (0: queries only)
+    c.data.max_history = 20             # TIGER: the last clicked items a history holds (TIGER keeps 20)
 
     # `ecomax gr sids`: the item vectors (TF-IDF -> LSA of the item texts) and the SID tokenizer fitted on them
     c.sids = ml_collections.ConfigDict({
@@ -86,11 +89,18 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.init_from.model = ml_collections.ConfigDict({"format": "ecomax", "path": "", "target": "",
                                                        "step": 0, "source": ""})  # path: the DSI run
 
+    if not tiny:  # mT5-base weights (a Hugging Face folder; data.tokenizer = its spiece.model), the code rows new
+        c.init_from.mt5 = ml_collections.ConfigDict({"format": "hf", "path": "", "target": "", "skip": "",
+                                                     "family": "t5", "grow": "embedding|lm_head"})
+
+    if tiger:  # TIGER's metrics: Recall@5/10, NDCG@5/10 of the next item, on the leave-one-out test item
+        c.eval.ks, c.eval.beams, c.eval.bm25 = (5, 10), 20, False
+
     c.train.batch_size = 64 if tiny else 256
     c.train.steps = (300 if ltrgr else 1500) if tiny else 100_000
     c.train.log_every = 50 if tiny else 100
     c.train.checkpoint_every = 500 if tiny else 5000
-    c.optimizer.learning_rate = 3e-3 if tiny else 1e-4
+    c.optimizer.learning_rate = (3e-4 if ltrgr else 3e-3) if tiny else 1e-4  # LTRGR fine-tunes a trained model
     c.optimizer.warmup_steps = 50 if tiny else 2000
     c.optimizer.schedule = "cosine"
     c.optimizer.weight_decay = 0.01

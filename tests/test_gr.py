@@ -167,7 +167,7 @@ def test_gr_lite_lowers_on_8_devices_at_the_paper_shapes(tmp_path):
     trainer = Trainer.create(config, tmp_path)
     assert 580e6 < trainer.spec.num_params < 590e6, trainer.spec.num_params  # mT5-base: ~582M + the code rows
     spec = trainer.task.batch_spec(config.train.batch_size)
-    assert spec["query_ids"].shape == (256, 32) and spec["codes"].shape == (256, 4)
+    assert spec["input_ids"].shape == (256, 32) and spec["codes"].shape == (256, 4)
     assert trainer.lower() is not None
 
     rng = np.random.default_rng(0)
@@ -183,3 +183,73 @@ def test_gr_lite_lowers_on_8_devices_at_the_paper_shapes(tmp_path):
             params, jax.ShapeDtypeStruct((8, 32), np.int32), jax.ShapeDtypeStruct((8, 32), np.bool_), trie)
     text = lowered.as_text()
     assert "top_k" in text or "TopK" in text
+
+
+_SERVE = """
+import sys, numpy as np, jax
+out = sys.argv[1]
+exp = jax.export.deserialize(bytearray(open(f"{out}/retrieve.jax_exported", "rb").read()))
+ids, mask = np.load(f"{out}/ids.npy"), np.load(f"{out}/mask.npy")
+items, scores = (lambda o: (o["items"], o["scores"]))(exp.call(ids, mask))
+np.save(f"{out}/items.npy", np.asarray(items))
+assert not [m for m in sys.modules if m.split(".")[0] in ("trainers", "models", "launch", "data_pipelines", "flax")]
+"""
+
+
+def test_the_exported_retriever_returns_the_evaluators_items_in_a_fresh_interpreter(dsi_run, tmp_path):
+    """``ecomax export --format stablehlo``: query tokens -> top-k item ids with the trie inside, run with only
+    jax and numpy; equal to the evaluator's own beam -> items."""
+    import os
+    import subprocess
+    import sys
+
+    import ml_collections
+
+    from launch import export as ex
+    from trainers.mesh import make_mesh
+    from trainers.tasks import EvalContext
+
+    workdir, _ = dsi_run
+    out = tmp_path / "hlo"
+    manifest = ex.export(workdir, out, "stablehlo", platforms=("cpu",))
+    assert set(manifest["towers"]) == {"retrieve"}
+    trained = ex.load_trained(workdir)
+    queries = [q.query for q in trained.task.world.recall.eval_queries("test", 5)]
+    mesh = make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1])
+    ctx = EvalContext(trained.spec.graphdef, trained.params, mesh, trained.step, tmp_path, {})
+    want = trained.task.retrieve(ctx, queries)
+    np.save(out / "ids.npy", want["input_ids"])
+    np.save(out / "mask.npy", want["input_mask"])
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    subprocess.run([sys.executable, "-c", _SERVE, str(out)], cwd=tmp_path, env=env, check=True, timeout=120)
+    got = np.load(out / "items.npy")
+    beams = trained.config.eval.beams
+    np.testing.assert_array_equal(got[:, :10], want["items"][:, :10])
+    assert got.shape == (5, beams) and (got >= 0).all()
+
+
+def test_tiger_histories_are_time_ordered_leave_one_out():
+    from data_pipelines.kuaisearch import examples as ex
+
+    corpus = ex.ItemCorpus(np.array([10, 11, 12, 13]), ["a", "b", "c", "d"])
+    rows = [{"user_id": 1, "time_index": 5, "clicked_item_ids": [12, 99]},
+            {"user_id": 1, "time_index": 2, "clicked_item_ids": [10, 11]},
+            {"user_id": 1, "time_index": 9, "clicked_item_ids": [13]},
+            {"user_id": 2, "time_index": 1, "clicked_item_ids": [10, 11]}]
+    seqs = ex.click_sequences(rows, corpus)
+    assert seqs == {1: [0, 1, 2, 3], 2: [0, 1]}          # by time, 99 (not in the corpus) left out
+    split = ex.next_item_examples(seqs, max_history=2)
+    assert [(e.history, e.target) for e in split["train"]] == [((0,), 1)]
+    assert [(e.history, e.target) for e in split["valid"]] == [((0, 1), 2)]
+    assert [(e.history, e.target) for e in split["test"]] == [((1, 2), 3)]  # user 2 has too few items
+
+
+def test_tiger_sequential_recommendation_trains_and_beats_popularity(tiny_sids, tmp_path):
+    from trainers.loop import Trainer
+
+    sids, _ = tiny_sids
+    config = _gr_config("configs/gr.py:tiger_tiny", sids, "train.steps=150", "train.log_every=50",
+                        "train.checkpoint_every=150", "optimizer.warmup_steps=20")
+    ev = Trainer.create(config, tmp_path, jax.devices()[:2]).run().eval_metrics
+    assert ev["num_queries_evaluated"] > 100
+    assert ev["recall@10"] > ev["popularity/recall@10"] and ev["ndcg@10"] > ev["popularity/ndcg@10"], ev

@@ -108,3 +108,20 @@ def test_an_unknown_target_is_rejected(hf_vit, tmp_path):
     config.init_from.vit = init_from_entry("towers/vit", path=str(hf_vit))
     with pytest.raises(ValueError, match="target 'towers/vit': the model has no 'towers'"):
         train(config, tmp_path)
+
+
+def test_a_pretrained_vocabulary_grows_by_new_rows_keeping_its_own():
+    """mT5's embedding [250112, d] into a generative retriever's [250112 + codes, d]: the imported rows are kept,
+    the new ones drawn at the imported scale, the same on every call (every host)."""
+    from trainers.init_from import grow
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(0, 0.5, (10, 4)).astype(np.float32)
+    out = grow(emb, (16, 4), "embedding")
+    np.testing.assert_array_equal(out[:10], emb)
+    assert out.shape == (16, 4) and 0.2 < out[10:].std() < 1.0
+    np.testing.assert_array_equal(out, grow(emb, (16, 4), "embedding"))
+    head = grow(emb.T, (4, 16), "lm_head")  # a [d, vocab] head grows along its second axis
+    np.testing.assert_array_equal(head[:, :10], emb.T)
+    with pytest.raises(ValueError, match="cannot grow"):
+        grow(emb, (8, 4), "embedding")

@@ -10,11 +10,14 @@ run starts from scratch; a resumed run takes its weights from the checkpoint.
 
     --set init_from.query.path=/models/vit-base-patch16-224 --set init_from.query.skip='pooler\\..*'
     --set init_from.model.path=runs/gr_dsi       # (config: format="ecomax", target="")
+    --set init_from.mt5.path=/models/mt5-base    # (config: grow="embedding|lm_head": + the SID code rows)
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 from typing import Any
 
 import jax
@@ -47,8 +50,21 @@ def _replace(tree: dict, target: str, value: Any) -> dict:
     return {**tree, keys[0]: _replace(tree[keys[0]], path_name(keys[1:]), value)}
 
 
-def place(imported: Any, current: Any, shardings: Any, where: str) -> Any:
-    """Put the host arrays ``imported`` on the devices with ``shardings``, checking ``current``'s shapes."""
+def grow(array: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """``array`` enlarged to ``shape`` (no axis smaller): its values in the leading block, new entries drawn
+    from ``N(0, std(array))`` seeded by ``name`` (the same on every host). For a pretrained vocabulary
+    extended by new tokens, e.g. mT5's 250,112 pieces + the SID code rows of a generative retriever."""
+    if len(shape) != array.ndim or any(a > b for a, b in zip(array.shape, shape)):
+        raise ValueError(f"init_from {name}: cannot grow {array.shape} to {shape}")
+    seed = int(hashlib.sha256(name.encode()).hexdigest()[:16], 16)
+    out = (np.random.default_rng(seed).standard_normal(shape) * float(array.std() or 1.0)).astype(array.dtype)
+    out[tuple(slice(0, n) for n in array.shape)] = array
+    return out
+
+
+def place(imported: Any, current: Any, shardings: Any, where: str, grown: str = "") -> Any:
+    """Put the host arrays ``imported`` on the devices with ``shardings``, checking ``current``'s shapes;
+    tensors whose name matches the regex ``grown`` may be smaller than the model's (see ``grow``)."""
     # keyed by "a/0/kernel" names: a restored checkpoint spells list indices as "0", the model as 0
     flat_current = {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(current)[0]}
     flat_imported = {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(imported)[0]}
@@ -62,6 +78,8 @@ def place(imported: Any, current: Any, shardings: Any, where: str) -> Any:
 
     def put(path, leaf, sharding):
         array = np.asarray(flat_imported[path_name(path)], dtype=leaf.dtype)
+        if array.shape != leaf.shape and grown and re.search(grown, path_name(path)):
+            array = grow(array, leaf.shape, name(path))
         if array.shape != leaf.shape:
             raise ValueError(f"init_from {name(path)}: imported shape {array.shape} != model shape {leaf.shape}")
         return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
@@ -108,6 +126,6 @@ def apply_init_from(params: dict, param_shardings: dict, init_from: ml_collectio
                              "config.json + model.safetensors) or 'ecomax' (a run's checkpoints folder)")
         current = _subtree(params, entry.target, "the model")
         placed = place(weights, current, _subtree(param_shardings, entry.target, "the shardings"),
-                       f"{entry.target}/")
+                       f"{entry.target}/", entry.get("grow", ""))
         params = _replace(params, entry.target, placed)
     return params

@@ -182,6 +182,43 @@ class ItemCorpus:
         return [self._row[i] for i in (int(x) for x in item_ids) if i in self._row]
 
 
+def click_sequences(rows: Iterable[Mapping[str, Any]], corpus: ItemCorpus) -> dict[int, list[int]]:
+    """``user_id -> corpus rows`` of the items the user clicked, in time order (``time_index``, then the rows'
+    file order, then each row's click order), every split: the histories of TIGER-style sequential
+    recommendation. Clicks on items outside the corpus are left out."""
+    events: dict[int, list[tuple[int, int, int, int]]] = collections.defaultdict(list)
+    for n, row in enumerate(rows):
+        for j, item in enumerate(_ids(row["clicked_item_ids"])):
+            if item in corpus:
+                events[int(row["user_id"])].append((int(row["time_index"]), n, j, corpus.row(item)))
+    return {user: [e[-1] for e in sorted(evs)] for user, evs in events.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class NextItem:
+    """A sequential-recommendation example: the user's last ``history`` items (corpus rows, oldest first)
+    and the item that came next."""
+
+    user_id: int
+    history: tuple[int, ...]
+    target: int
+
+
+def next_item_examples(sequences: Mapping[int, Sequence[int]], max_history: int
+                       ) -> dict[str, list[NextItem]]:
+    """TIGER's leave-one-out split (Rajput et al. 2023, Sec. 4.1): per user with at least 3 items, the last
+    item is ``test``, the one before it ``valid``, and every earlier item (from the second on) a ``train``
+    target; histories are the preceding items, the last ``max_history`` of them."""
+    out: dict[str, list[NextItem]] = {"train": [], "valid": [], "test": []}
+    for user, seq in sorted(sequences.items()):
+        if len(seq) < 3:
+            continue
+        for t in range(1, len(seq)):
+            split = "test" if t == len(seq) - 1 else "valid" if t == len(seq) - 2 else "train"
+            out[split].append(NextItem(user, tuple(seq[max(0, t - max_history):t]), seq[t]))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class RecallPair:
     """A training example: a query and the corpus rows of its relevant items (at least one)."""

@@ -32,7 +32,7 @@ class RecallTransform:
 
 
 class GenerativeTransform:
-    """``RecallPair -> {query_ids, query_mask, codes}``: the query (or, for a DSI indexing example, the item's
+    """``RecallPair -> {input_ids, input_mask, codes}``: the query (or, for a DSI indexing example, the item's
     text) and the SID of one of its relevant items, drawn per example among those with a SID
     (``item_codes [n_items, D]``, -1 rows for items without one; a pair needs at least one). With
     ``max_relevant`` > 0 also ``relevant_codes [max_relevant, D]``: the SIDs of its first relevant items,
@@ -46,12 +46,29 @@ class GenerativeTransform:
         rows = [r for r in pair.positive_rows if self.item_codes[r, 0] >= 0]
         q_ids, q_mask = ex.encode_texts(self.tokenizer, [pair.query], self.query_len)
         target = self.item_codes[rows[int(rng.integers(len(rows)))]]
-        out = {"query_ids": q_ids[0], "query_mask": q_mask[0], "codes": target}
+        out = {"input_ids": q_ids[0], "input_mask": q_mask[0], "codes": target}
         if self.max_relevant:
             relevant = np.full((self.max_relevant, self.item_codes.shape[1]), -1, np.int32)
             relevant[:min(len(rows), self.max_relevant)] = self.item_codes[rows[:self.max_relevant]]
             out["relevant_codes"] = relevant
         return out
+
+
+class HistoryTransform:
+    """``NextItem -> {input_ids, input_mask, codes}``: the history's SIDs as code tokens (item after item,
+    ``token_offsets [D]`` added to the codes of each level, right-padded with 0 to ``max_history x D``) and
+    the next item's SID (TIGER's input and target)."""
+
+    def __init__(self, item_codes: np.ndarray, token_offsets: Sequence[int], max_history: int):
+        self.item_codes, self.max_history = item_codes, max_history
+        self.offsets = np.asarray(token_offsets, np.int32)
+
+    def __call__(self, e: ex.NextItem, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        depth = self.item_codes.shape[1]
+        tokens = (self.item_codes[list(e.history)] + self.offsets).reshape(-1)
+        ids = np.zeros(self.max_history * depth, np.int32)
+        ids[:len(tokens)] = tokens
+        return {"input_ids": ids, "input_mask": ids > 0, "codes": self.item_codes[e.target]}
 
 
 class CrossTransform:

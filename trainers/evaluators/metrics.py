@@ -410,3 +410,19 @@ def mrr(retrieved: Any, relevant: Any) -> float:
     """Mean reciprocal rank of the first relevant id in the retrieved list (0 when none)."""
     hits, num_relevant = hit_matrix(retrieved, relevant)
     return metrics_from_hits(hits, num_relevant, ())["mrr"]
+
+
+def ndcg_at_k(hits: np.ndarray, num_relevant: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    """Binary-relevance NDCG@k (Järvelin & Kekäläinen 2002): ``DCG = sum_i hit_i / log2(i + 2)`` over the top
+    ``k``, over the ideal ``sum_{i < min(R, k)} 1 / log2(i + 2)``; ``hits [q, K] bool, num_relevant [q]`` ->
+    ``{"ndcg@k"}``, queries with no relevant item excluded."""
+    hits, num_relevant = np.asarray(hits, bool), np.asarray(num_relevant)
+    keep = num_relevant > 0
+    hits, num_relevant = hits[keep], num_relevant[keep]
+    discount = 1.0 / np.log2(np.arange(hits.shape[1]) + 2.0)
+    out = {}
+    for k in ks:
+        dcg = (hits[:, :k] * discount[:k]).sum(1)
+        ideal = np.cumsum(discount[:k])[np.minimum(num_relevant, k) - 1]
+        out[f"ndcg@{k}"] = float((dcg / ideal).mean()) if len(hits) else 0.0
+    return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -33,14 +34,25 @@ from trainers.losses import dsi_loss
 from trainers.tasks import Batch, EvalContext, Metrics, Task, Tower, register
 
 
-def generate(model: Seq2Seq, query_ids: jax.Array, query_mask: jax.Array, trie, *, vocab: SIDVocab, beams: int
+def generate(model: Seq2Seq, input_ids: jax.Array, input_mask: jax.Array, trie, *, vocab: SIDVocab, beams: int
              ) -> dict[str, jax.Array]:
-    """``query_ids, query_mask [B, S]`` -> the ``beams`` best valid SIDs: ``codes [B, W, D]``, ``scores [B, W]``
-    (log-probabilities, best first) and ``leaves [B, W]`` (trie leaf ids, -1 past the valid ones)."""
-    context, cache = model.start(query_ids, query_mask, vocab.depth)
-    out = beam_search(code_step(model, vocab), context, cache, batch=query_ids.shape[0], beams=beams,
+    """``input_ids, input_mask [B, S]`` (query pieces, or a history's code tokens) -> the ``beams`` best valid
+    SIDs: ``codes [B, W, D]``, ``scores [B, W]`` (log-probabilities, best first) and ``leaves [B, W]`` (trie
+    leaf ids, -1 past the valid ones)."""
+    context, cache = model.start(input_ids, input_mask, vocab.depth)
+    out = beam_search(code_step(model, vocab), context, cache, batch=input_ids.shape[0], beams=beams,
                       sizes=vocab.sizes, constraint=TrieConstraint(trie))
     return {"codes": out.codes, "scores": out.scores, "leaves": out.leaves}
+
+
+def retrieve(model: Seq2Seq, input_ids: jax.Array, input_mask: jax.Array, *, trie, item_of_leaf: jax.Array,
+             vocab: SIDVocab, beams: int) -> dict[str, jax.Array]:
+    """The serving function, trie and SID -> item table baked in: ``input_ids, input_mask [B, S]`` ->
+    ``items [B, W]`` int32 item ids, best first (-1 past the valid SIDs), and their ``scores [B, W]``. A SID
+    shared by several items (no dedup digit) serves its first item here; ``leaves_to_items`` serves all."""
+    out = generate(model, input_ids, input_mask, trie, vocab=vocab, beams=beams)
+    leaves = out["leaves"]
+    return {"items": jnp.where(leaves >= 0, item_of_leaf[jnp.maximum(leaves, 0)], -1), "scores": out["scores"]}
 
 
 @register("gr_dsi")
@@ -79,7 +91,7 @@ class DSITask(Task):
 
     def inputs(self) -> dict[str, jax.ShapeDtypeStruct]:
         q = self.config.data.query_len
-        return {"query_ids": jax.ShapeDtypeStruct((q,), np.int32), "query_mask": jax.ShapeDtypeStruct((q,), np.bool_),
+        return {"input_ids": jax.ShapeDtypeStruct((q,), np.int32), "input_mask": jax.ShapeDtypeStruct((q,), np.bool_),
                 "codes": jax.ShapeDtypeStruct((self.vocab.depth,), np.int32)}
 
     def train_source(self):
@@ -88,15 +100,24 @@ class DSITask(Task):
 
     def teacher_forced(self, model: Seq2Seq, batch: Batch) -> jax.Array:
         """``[B, D, V]`` logits of the batch's SIDs given its queries."""
-        return model(batch["query_ids"], batch["query_mask"], self.vocab.decoder_inputs(batch["codes"]))
+        return model(batch["input_ids"], batch["input_mask"], self.vocab.decoder_inputs(batch["codes"]))
 
     def loss(self, model: Seq2Seq, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         return dsi_loss(code_log_probs(self.vocab, self.teacher_forced(model, batch)), batch["codes"])
 
     def towers(self) -> dict[str, Tower]:
-        spec = self.inputs()
-        fn = functools.partial(generate, vocab=self.vocab, beams=self.config.eval.beams)
-        return {"generate": Tower(fn, {"query_ids": spec["query_ids"], "query_mask": spec["query_mask"]})}
+        """``retrieve``: query tokens -> the top ``eval.beams`` item ids (what ``ecomax export --format stablehlo``
+        writes, the trie and the item table inside)."""
+        w, spec = self.world, self.inputs()
+        a = w.trie.arrays
+        first_rows = np.asarray(a["leaf_rows"])[np.asarray(a["leaf_offsets"])[:-1]]
+        ids = w.table_ids[first_rows]
+        if ids.max(initial=0) >= 2**31 or ids.min(initial=0) < 0:
+            raise ValueError("the serving function returns int32 item ids; this SID table's ids do not fit")
+        trie = jax.tree.map(jnp.asarray, w.trie)
+        fn = functools.partial(retrieve, trie=trie, item_of_leaf=jnp.asarray(ids, jnp.int32), vocab=self.vocab,
+                               beams=self.config.eval.beams)
+        return {"retrieve": Tower(fn, {"input_ids": spec["input_ids"], "input_mask": spec["input_mask"]})}
 
     # --- evaluation -----------------------------------------------------------------------------------
 
@@ -106,9 +127,13 @@ class DSITask(Task):
         ids, mask = ex.encode_texts(w.recall.tokenizer, queries, self.config.data.query_len)
         fn = functools.partial(generate, vocab=self.vocab, beams=e.beams)
         beam = ctx.apply(fn, ids, mask, batch_size=e.batch_size, replicated={"trie": w.trie})
-        a = w.trie.arrays
-        items = leaves_to_items(a["leaf_offsets"], a["leaf_rows"], w.table_ids, beam["leaves"], max(int(k) for k in e.ks))
-        return {**beam, "items": items, "query_ids": ids, "query_mask": mask}
+        items = self.leaves_to_items(beam["leaves"], max(int(k) for k in e.ks))
+        return {**beam, "items": items, "input_ids": ids, "input_mask": mask}
+
+    def leaves_to_items(self, leaves: np.ndarray, k: int) -> np.ndarray:
+        """Beam leaves ``[Q, W]`` -> item ids ``[Q, k]`` (-1 padded; a shared SID gives all its items)."""
+        a = self.world.trie.arrays
+        return leaves_to_items(a["leaf_offsets"], a["leaf_rows"], self.world.table_ids, leaves, k)
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         from data_pipelines.sid.trie import accepts  # noqa: PLC0415
@@ -127,5 +152,5 @@ class DSITask(Task):
         corpus = w.recall.corpus
         i_ids, i_mask = ex.encode_texts(w.recall.tokenizer, corpus.texts, d.item_len) if e.bm25 else (None, None)
         out.update(query_baselines(corpus.ids, w.recall.clicks, relevant, ks, bm25=(
-            got["query_ids"], got["query_mask"], i_ids, i_mask, w.recall.tokenizer.vocab_size) if e.bm25 else None))
+            got["input_ids"], got["input_mask"], i_ids, i_mask, w.recall.tokenizer.vocab_size) if e.bm25 else None))
         return out

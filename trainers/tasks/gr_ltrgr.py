@@ -45,7 +45,7 @@ class LTRGRTask(DSITask):
     def rollout(self, ctx, state, batch: Batch, rng: jax.Array) -> Batch:
         """The live model's beam on the batch's queries: ``candidates [B, W, D]`` and which are negatives."""
         model = ctx.model(state.params)
-        beam = generate(model, batch["query_ids"], batch["query_mask"], self.trie(state.extra),
+        beam = generate(model, batch["input_ids"], batch["input_mask"], self.trie(state.extra),
                         vocab=self.vocab, beams=self.config.ltrgr.beams)
         cands, rel = beam["codes"], batch["relevant_codes"]
         relevant = (cands[:, :, None, :] == rel[:, None, :, :]).all(-1).any(-1)   # [B, W]
@@ -57,7 +57,7 @@ class LTRGRTask(DSITask):
         b, w, depth = batch["candidates"].shape
         cands = batch["candidates"].reshape(b * w, depth)
         repeat = lambda x: jnp.repeat(x, w, axis=0)  # noqa: E731 - each query once per candidate
-        cand_logits = model(repeat(batch["query_ids"]), repeat(batch["query_mask"]), self.vocab.decoder_inputs(cands))
+        cand_logits = model(repeat(batch["input_ids"]), repeat(batch["input_mask"]), self.vocab.decoder_inputs(cands))
         scores = sequence_log_prob(self.vocab, cand_logits, cands).reshape(b, w)
         rank, rank_metrics = ltrgr_rank_loss(sequence_log_prob(self.vocab, logits, batch["codes"]), scores,
                                              batch["negative"], self.config.ltrgr.margin)
