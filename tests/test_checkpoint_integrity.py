@@ -4,15 +4,13 @@ bitwise; no crash loop; a non-finite loss right after a restore names that step;
 import json
 import logging
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, load_test_config, logged_losses
+from conftest import load_test_config, logged_losses
 from trainers.checkpoints import CheckpointError, Checkpointer, IntegrityError, RECORD_PREFIX, verify_step
 from trainers.loop import NonFiniteLossError, Trainer, train
 from trainers.state import abstract_state
@@ -197,34 +195,4 @@ def test_export_refuses_a_corrupt_step(base, tmp_path):
     assert ex.load_trained(workdir, step=4).step == 4
 
 
-# --- two processes ------------------------------------------------------------------------------------
-
-MP = ["--config", f"{REPO}/configs/two_tower.py:tiny", "--set", "train.steps=6", "--set", "train.log_every=1",
-      "--set", "train.checkpoint_every=2", "--set", "train.batch_size=32"]
-
-
-def _launch(workdir) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launch.cli", "launch", "local", "--processes", "2", "--devices-per-process", "2",
-           "--timeout", "120", "--init-timeout", "60", "--", "train", "--workdir", str(workdir), *MP]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=150)
-
-
-def test_two_processes_set_aside_a_corrupt_step_and_resume_bitwise(tmp_path):
-    workdir = tmp_path / "run"
-    first = _launch(workdir)
-    assert first.returncode == 0, first.stdout + first.stderr
-    for step in (2, 4, 6):  # one part of the record per process
-        names = sorted(p.name for p in (workdir / "checkpoints" / str(step)).glob(f"{RECORD_PREFIX}.*"))
-        assert names == [f"{RECORD_PREFIX}.0-of-2.json", f"{RECORD_PREFIX}.1-of-2.json"]
-        verify_step(workdir / "checkpoints" / str(step), step)
-    expected = logged_losses(workdir)
-    assert sorted(expected) == list(range(1, 7))
-
-    _flip_data(workdir / "checkpoints" / "6")
-    resumed = _launch(workdir)
-    out = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, out
-    assert "checkpoint step 6" in out and "fails verification" in out and "resuming at step 4" in out
-    assert (workdir / "checkpoints_corrupt" / "6").is_dir()
-    assert logged_losses(workdir) == expected  # same processes, same mesh: bit for bit
-    verify_step(workdir / "checkpoints" / "6", 6)
+# The two-process case (one record part per process, a corrupt step set aside) is in test_multiprocess.py.

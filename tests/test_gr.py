@@ -135,12 +135,12 @@ def test_ltrgr_continues_from_the_dsi_checkpoint_with_a_rank_loss_over_its_own_b
 
     sids, _ = tiny_sids
     dsi_dir, _ = dsi_run
-    config = _gr_config("configs/gr.py:ltrgr_tiny", sids, f"init_from.model.path={dsi_dir}", "train.steps=3",
-                        "train.log_every=1", "ltrgr.beams=4", "eval.max_examples=32")
+    config = _gr_config("configs/gr.py:ltrgr_tiny", sids, f"init_from.model.path={dsi_dir}", "train.steps=2",
+                        "train.log_every=1", "ltrgr.beams=4", "eval.max_examples=16")
     trainer = Trainer.create(config, tmp_path, jax.devices()[:2])
     result = trainer.run()
     losses = logged_losses(tmp_path)
-    assert sorted(losses) == [1, 2, 3] and all(np.isfinite(v) for v in losses.values())
+    assert sorted(losses) == [1, 2] and all(np.isfinite(v) for v in losses.values())
     records = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "rank_loss" in r]
     # started from DSI, not from scratch: the identifier loss is already far below a fresh model's ln(16) x 4
     assert records[0]["dsi_loss"] < 0.6 * 4 * np.log(16), records[0]

@@ -1,4 +1,5 @@
-"""2 processes x 2 devices train and checkpoint; 1 process x 4 devices resumes; losses match a 1 x 4 run."""
+"""Multi-host checkpoints: 2 processes x 2 devices train and checkpoint, a 1 x 4 job resumes them past a
+corrupt step, a 2 x 2 job resumes the result."""
 
 import json
 import subprocess
@@ -24,18 +25,40 @@ def _losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def test_two_processes_checkpoint_and_one_process_resumes(tmp_path):
-    first = _launch(2, 2, tmp_path / "run", "--set", "train.stop_after=4")
+def _flip_state_bytes(step_dir):
+    path = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 200] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 200])
+    path.write_bytes(bytes(data))
+
+
+def test_two_processes_checkpoint_and_a_one_process_job_resumes_past_a_corrupt_step(tmp_path):
+    """2 processes x 2 devices train 8 steps (checkpoints 4 and 8, one integrity-record part per process);
+    step 8 is corrupted; a 1 x 4 job sets it aside, resumes at step 4 and reproduces steps 5-8 (up to gloo's
+    summation order); a 2 x 2 job then resumes the rewritten step 8: both processes verify and agree."""
+    from trainers.checkpoints import RECORD_PREFIX, verify_step
+
+    run = tmp_path / "run"
+    first = _launch(2, 2, run)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "[rank 1]" in first.stdout + first.stderr
-    assert (tmp_path / "run" / "checkpoints" / "4").is_dir()
-    resumed = _launch(1, 4, tmp_path / "run")
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resuming at step 4" in resumed.stdout + resumed.stderr
+    for step in (4, 8):
+        names = sorted(p.name for p in (run / "checkpoints" / str(step)).glob(f"{RECORD_PREFIX}.*"))
+        assert names == [f"{RECORD_PREFIX}.0-of-2.json", f"{RECORD_PREFIX}.1-of-2.json"]
+        verify_step(run / "checkpoints" / str(step), step)
+    expected = _losses(run)
+    assert sorted(expected) == list(range(1, 9))
 
-    reference = _launch(1, 4, tmp_path / "reference")
-    assert reference.returncode == 0, reference.stdout + reference.stderr
-    expected, got = _losses(tmp_path / "reference"), _losses(tmp_path / "run")
-    assert sorted(got) == sorted(expected) == list(range(1, 9))
-    # gloo across processes vs in-process reductions: equal up to float summation order
+    _flip_state_bytes(run / "checkpoints" / "8")
+    resumed = _launch(1, 4, run)
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out
+    assert "checkpoint step 8" in out and "fails verification" in out and "resuming at step 4" in out
+    assert (run / "checkpoints_corrupt" / "8").is_dir()
+    got = _losses(run)
     np.testing.assert_allclose([got[s] for s in range(1, 9)], [expected[s] for s in range(1, 9)], rtol=1e-5)
+
+    again = _launch(2, 2, run, "--set", "train.steps=10")
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out
+    assert "resuming at step 8" in out and sorted(_losses(run)) == list(range(1, 11))

@@ -75,13 +75,37 @@ def test_box_patch_mask():
     assert float(m[1].sum()) == 1 and float(m[1, 2, 2]) == 1  # a box smaller than a patch keeps its centre patch
 
 
+def _hf_teacher(folder):
+    """A random Hugging Face ViT shaped like the tiny config's teacher, saved as safetensors (None without torch)."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    probe = load_test_config("configs/tigerfg.py:tiny")
+    t = probe.teacher
+    torch.manual_seed(0)
+    hf = transformers.ViTModel(transformers.ViTConfig(
+        image_size=probe.data.image_size, patch_size=probe.model.item_vit.patch_size, hidden_size=t.hidden,
+        num_hidden_layers=t.depth, num_attention_heads=t.heads, intermediate_size=t.mlp_dim, layer_norm_eps=1e-6))
+    hf.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_tiny_training_run_and_evaluation(name, tmp_path):
+    """12 steps and both evaluations of each variant. TIGER-FG itself distils from a pretrained teacher when
+    torch is installed (``init_from.teacher``: a Hugging Face ViT in a frozen ``teacher`` subtree, which
+    training must leave alone), else from the seeded teacher."""
+    teacher = _hf_teacher(tmp_path / "teacher") if name == "tigerfg" else None
+    extra = [f"init_from.teacher.path={teacher}", "init_from.teacher.skip=pooler\\..*"] if teacher else []
     config = load_test_config("configs/tigerfg.py:tiny", f"model.name={name}", "train.steps=12",
-                              "train.log_every=1", "train.checkpoint_every=12", "train.async_checkpoints=False")
-    result = Trainer.create(config, tmp_path).run()
+                              "train.log_every=1", "train.checkpoint_every=12", "train.async_checkpoints=False",
+                              *extra)
+    result = Trainer.create(config, tmp_path / "run").run()
     assert result.status == "completed"
-    losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
     assert len(losses) == 12 and np.isfinite(losses).all()
     assert min(losses[-4:]) < losses[0]
     ev = result.eval_metrics
@@ -89,8 +113,20 @@ def test_tiny_training_run_and_evaluation(name, tmp_path):
         for k in (1, 5, 10):
             assert 0.0 <= ev[f"{layout}/exact/recall@{k}"] <= 1.0
         assert ev[f"{layout}/num_queries"] > 0
-    assert (tmp_path / "retrieval" / "step_12" / "mosaic" / "index").is_dir()
+    assert (tmp_path / "run" / "retrieval" / "step_12" / "mosaic" / "index").is_dir()
     assert all(isinstance(v, float) for v in ev.values())
+    if teacher:
+        from models.hf_import import load_hf
+        from trainers.checkpoints import Checkpointer
+        from trainers.state import abstract_state
+
+        trainer = Trainer.create(config, tmp_path / "run")
+        tx, _ = trainer.optimizer()
+        state, _ = Checkpointer(tmp_path / "run" / "checkpoints").restore(
+            12, abstract_state(trainer.spec, tx, trainer.shardings(tx)))
+        expected = load_hf(teacher, skip=("pooler\\..*",)).params
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6), state.params["teacher"],
+                     expected)
 
 
 FULL = os.environ.get("ECOMAX_FULL_COMPILE") == "1"
@@ -116,37 +152,6 @@ def test_base_config_lowers_and_compiles_on_8_fake_devices(tmp_path):
         t0 = time.perf_counter()
         assert lowered.compile() is not None
         print(f"base compile on 8 fake CPU devices: {time.perf_counter() - t0:.1f}s")
-
-
-def test_a_pretrained_teacher_is_frozen_in_the_params(tmp_path):
-    """init_from.teacher loads a Hugging Face ViT into a frozen `teacher` subtree; training leaves it alone."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    import jax
-
-    from trainers.checkpoints import Checkpointer
-    from trainers.loop import Trainer, train
-    from trainers.state import abstract_state
-
-    probe = load_test_config("configs/tigerfg.py:tiny")
-    t = probe.teacher
-    torch.manual_seed(0)
-    hf = transformers.ViTModel(transformers.ViTConfig(
-        image_size=probe.data.image_size, patch_size=probe.model.item_vit.patch_size, hidden_size=t.hidden,
-        num_hidden_layers=t.depth, num_attention_heads=t.heads, intermediate_size=t.mlp_dim, layer_norm_eps=1e-6))
-    hf.save_pretrained(tmp_path / "teacher", safe_serialization=True)
-    config = load_test_config("configs/tigerfg.py:tiny", "train.steps=2", f"init_from.teacher.path={tmp_path / 'teacher'}",
-                              "init_from.teacher.skip=pooler\\..*")
-    train(config, tmp_path / "run")
-    trainer = Trainer.create(config, tmp_path / "run")
-    tx, _ = trainer.optimizer()
-    state, _ = Checkpointer(tmp_path / "run" / "checkpoints").restore(
-        2, abstract_state(trainer.spec, tx, trainer.shardings(tx)))
-    from models.hf_import import load_hf
-
-    expected = load_hf(tmp_path / "teacher", skip=("pooler\\..*",)).params
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6), state.params["teacher"],
-                 expected)
 
 
 def test_mosaic_batches_put_the_items_of_one_canvas_in_one_global_batch(tmp_path):
