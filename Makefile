@@ -12,7 +12,8 @@ BEAM_PINS := apache-beam==2.77.0 beartype==0.22.9 cffi==2.1.1 cryptography==50.0
 	pillow==12.3.0 proto-plus==1.29.0 protobuf==6.33.6 pyarrow==25.0.1 pycparser==3.12 pymongo==4.20.1 \
 	python-dateutil==2.9.0.post0 pytz==2026.6 sortedcontainers==2.4.0 zstandard==0.25.0
 DEMO_DIR ?= runs/demo
-# test workers: one per core, at most 4 (each holds 8 fake JAX devices); a test file stays on one worker
+# test workers: one per core, at most 4 (each holds 8 fake JAX devices); tests go to workers one by one, except
+# the files marked xdist_group (their module fixtures are built once)
 WORKERS ?= $(shell $(PYTHON) -c 'import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))')
 
 .PHONY: demo test install bench clean
@@ -36,7 +37,7 @@ demo: $(STAMP)
 
 test: $(STAMP) $(BEAM_STAMP)
 	PYTHONPATH=$(BEAM) $(PY) -m pytest -q -p no:cacheprovider tests/test_data_beam.py
-	$(PY) -m pytest -q -p no:cacheprovider -n $(WORKERS) --dist loadfile --ignore=tests/test_data_beam.py tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(WORKERS) --dist loadgroup --ignore=tests/test_data_beam.py tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/loop_overhead.py

@@ -15,6 +15,9 @@ from trainers.checkpoints import CheckpointError, Checkpointer, IntegrityError, 
 from trainers.loop import NonFiniteLossError, Trainer, train
 from trainers.state import abstract_state
 
+# the module and session fixtures are built once: this file runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_checkpoint_integrity")
+
 OVERRIDES = ("train.steps=6", "train.checkpoint_every=2", "train.log_every=1", "train.batch_size=16")
 
 

@@ -18,6 +18,9 @@ from data_pipelines.ecom_rf_immr import builder, pipeline, schema, synthetic
 from data_pipelines.ecom_rf_immr.builder import BuildError, build, open_split
 from data_pipelines.ecom_rf_immr.schema import ManifestError
 
+# the module and session fixtures are built once: this file runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_ecom_rf_immr")
+
 IMAGE_SIZE = 48
 
 

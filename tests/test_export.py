@@ -19,6 +19,9 @@ from trainers.checkpoints import Checkpointer
 from trainers.loop import Trainer, train
 from trainers.state import abstract_state
 
+# the module and session fixtures are built once: this file runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_export")
+
 N_REF = 16
 
 

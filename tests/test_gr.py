@@ -14,6 +14,9 @@ from data_pipelines.sid.table import codes_of
 from models.gr import SIDVocab, code_log_probs, sequence_log_prob
 from trainers.losses import dsi_loss, ltrgr_rank_loss
 
+# the module and session fixtures are built once: this file runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_gr")
+
 
 @pytest.fixture(scope="session")
 def tiny_sids(tmp_path_factory):

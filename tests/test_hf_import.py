@@ -16,6 +16,9 @@ from models.hf_import import (HFImportError, build_with_params, load_hf, load_to
                               write_safetensors)
 from models.text_encoder import TextEncoder
 
+# the module and session fixtures are built once: this file runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_hf_import")
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 H, HEADS, MLP, VOCAB, MAXPOS = 16, 2, 32, 50, 20

@@ -15,6 +15,9 @@ from trainers.loop import Trainer, train
 from trainers.state import abstract_state
 from trainers.checkpoints import Checkpointer
 
+# the module and session fixtures are built once: this file runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_init_from")
+
 VIT = ViTConfig(image_size=32, patch_size=8, hidden=32, depth=2, heads=4, mlp_dim=64, ln_eps=1e-12,
                 pooler_dense=True)
 

@@ -17,6 +17,9 @@ from data_pipelines.kuaisearch.reader import available_splits, open_split
 from data_pipelines.kuaisearch.schema import KINDS, KuaiSearchFormatError, parse_line, validate
 from data_pipelines.kuaisearch.synthetic import synthesize
 
+# the module and session fixtures are built once: this file runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_kuaisearch_data")
+
 DEMO = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "kuaisearch_demo"
 
 

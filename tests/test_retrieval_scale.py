@@ -8,6 +8,9 @@ import pytest
 
 from trainers.evaluators import retrieval as R
 
+# the module and session fixtures are built once: this file runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_retrieval_scale")
+
 
 def _clustered(rng, n, d, centres, noise):
     lab = rng.integers(0, centres.shape[0], n)

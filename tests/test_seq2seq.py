@@ -15,6 +15,9 @@ from models.hf_import import build_with_params, load_hf
 from models.partitioning import LOGICAL_AXES, activation_rules, param_logical_axes, tree_specs
 from models.seq2seq import Seq2Seq, Seq2SeqConfig, param_count, relative_bucket, tiger, tiny
 
+# the module and session fixtures are built once: this file runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_seq2seq")
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 

@@ -22,6 +22,9 @@ from data_pipelines.tokenizer import (
     train_sentencepiece,
 )
 
+# the module and session fixtures are built once: this file runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_tokenizer")
+
 DEMO = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "kuaisearch_demo"
 SAMPLES = [
     "新款蓝牙耳机 wireless earbuds 防水 2024款",
