@@ -190,20 +190,3 @@ def test_one_level_equals_faiss_kmeans_with_the_same_seeds(tmp_path):
     km.train(x, init_centroids=seeds)
     np.testing.assert_allclose(np.asarray(state.extra["codebooks"])[0], km.centroids, rtol=1e-4, atol=1e-5)
 
-
-def test_an_interrupted_fit_resumes_bitwise(tmp_path):
-    """A fit stopped mid-level (``train.stop_after``) and rerun resumes from its last pass checkpoint: the
-    codebooks, usage, stored item codes and schedule equal an uninterrupted fit's, bit for bit. (A real
-    ``kill -9`` of the same path is tested with the toy k-means task in test_engine_contract.py.)"""
-    config = _config("mesh.data=2")
-    full = Trainer.create(config, tmp_path / "full", devices=jax.devices()[:2])
-    full.run()
-    passes = config.train.checkpoint_every
-    stopped = _config("mesh.data=2", f"train.stop_after={passes * config.model.iterations + passes + 1}")
-    assert Trainer.create(stopped, tmp_path / "cut", devices=jax.devices()[:2]).run().status == "stopped"
-    resumed = Trainer.create(config, tmp_path / "cut", devices=jax.devices()[:2])
-    assert resumed.run().status == "completed"
-    a = _final_state(full, tmp_path / "full", config.train.steps).extra
-    b = _final_state(resumed, tmp_path / "cut", config.train.steps).extra
-    for key in a:
-        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
