@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
-
-EXIT_BAD_INPUT = 2
 
 
 def build_sids(config_spec: str, out: str | pathlib.Path, overrides: list[str] = (), tokenizer: str | None = None,
@@ -50,14 +47,12 @@ def _sids(args: argparse.Namespace) -> int:
     from data_pipelines.sid.embeddings import EmbeddingError
     from launch.config import ConfigError
 
-    try:
-        m = build_sids(args.config, args.out, args.set, args.tokenizer, args.tokenizer_set)
-    except (EmbeddingError, ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"ecomax gr sids: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(f"ecomax gr sids: {m['items']} items, collision rate {m['collision_rate']:.4f}, "
-          f"largest group {int(m['largest_group'])}; wrote {args.out} (train with --set data.sid_table={args.out})")
-    return 0
+    from launch.sid import run_reported
+
+    return run_reported("ecomax gr sids",
+                        lambda: build_sids(args.config, args.out, args.set, args.tokenizer, args.tokenizer_set),
+                        (EmbeddingError, ConfigError, FileNotFoundError, ValueError),
+                        f"wrote {args.out} (train with --set data.sid_table={args.out})")
 
 
 def add_gr_parser(sub) -> None:

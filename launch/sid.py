@@ -75,13 +75,19 @@ def _build(args: argparse.Namespace) -> int:
     from data_pipelines.sid.embeddings import EmbeddingError
     from launch.config import ConfigError
 
+    return run_reported("ecomax sid build", lambda: build(args.config, args.embeddings, args.out, args.set),
+                        (EmbeddingError, ConfigError), f"wrote {args.out}")
+
+
+def run_reported(command: str, fit, errors: tuple[type[Exception], ...], done: str) -> int:
+    """Run ``fit() -> SID metrics``; print its summary line, or the error (exit code 2) for bad input."""
     try:
-        metrics = build(args.config, args.embeddings, args.out, args.set)
-    except (EmbeddingError, ConfigError) as e:
-        print(f"ecomax sid build: {e}", file=sys.stderr)
+        m = fit()
+    except errors as e:
+        print(f"{command}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"ecomax sid build: {metrics['items']} items, collision rate {metrics['collision_rate']:.4f}, "
-          f"ICR {metrics['icr']:.4f}, largest group {int(metrics['largest_group'])}; wrote {args.out}")
+    print(f"{command}: {m['items']} items, collision rate {m['collision_rate']:.4f}, ICR {m['icr']:.4f}, "
+          f"largest group {int(m['largest_group'])}; {done}")
     return 0
 
 

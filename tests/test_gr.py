@@ -256,3 +256,12 @@ def test_tiger_sequential_recommendation_trains_and_beats_popularity(tiny_sids, 
     ev = Trainer.create(config, tmp_path, jax.devices()[:2]).run().eval_metrics
     assert ev["num_queries_evaluated"] > 100
     assert ev["recall@10"] > ev["popularity/recall@10"] and ev["ndcg@10"] > ev["popularity/ndcg@10"], ev
+
+
+def test_gr_sids_cli_names_a_bad_data_root(tmp_path, capsys):
+    from launch.cli import main
+
+    code = main(["gr", "sids", "--config", f"{REPO}/configs/gr.py:tiny", "--out", str(tmp_path / "sids"),
+                 "--set", f"data.root={tmp_path / 'missing'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "ecomax gr sids: data.root" in err and "is not a folder" in err, err
