@@ -387,12 +387,19 @@ class Seq2Seq(nnx.Module):
         return h
 
     def __call__(self, tokens: Array, mask: Array, decoder_inputs: Array) -> Array:
-        """Teacher forcing: tokens, mask [b, s], decoder_inputs [b, t] (``decoder_start_token`` first)
-        -> logits [b, t, vocab] float32 (position j predicts decoder token j + 1)."""
+        """Teacher forcing: tokens, mask [b, s], decoder_inputs [b * n, t] (``decoder_start_token`` first)
+        -> logits [b * n, t, vocab] float32 (position j predicts decoder token j + 1). With n > 1 each query
+        has n continuations (its rows adjacent), which share its encoder pass and cross-attention K/V
+        (a reranker scoring a beam's candidates)."""
         mask = mask.astype(bool)
-        b, s = tokens.shape
+        n = decoder_inputs.shape[0] // tokens.shape[0]
+        if n * tokens.shape[0] != decoder_inputs.shape[0]:
+            raise ValueError(f"{decoder_inputs.shape[0]} decoder rows for {tokens.shape[0]} queries: not a multiple")
         t = decoder_inputs.shape[1]
+        repeat = (lambda x: jnp.repeat(x, n, axis=0)) if n > 1 else (lambda x: x)
         if self.cfg.decoder_only:
+            tokens, mask = repeat(tokens), repeat(mask)
+            b, s = tokens.shape
             pos, length = self._prefix_positions(mask)
             all_pos = jnp.concatenate([pos, length[:, None] + jnp.arange(t)[None]], axis=1)       # [b, s+t]
             idx = jnp.arange(s + t)
@@ -402,7 +409,7 @@ class Seq2Seq(nnx.Module):
             h, _ = self.decoder(x, self.decoder.position_bias(all_pos, all_pos), allowed)
             return self.head(h[:, s:])
         enc = self.encode(tokens, mask)
-        cross = self._cross(enc, mask)
+        cross = jax.tree.map(repeat, self._cross(enc, mask))
         pos = jnp.arange(t)[None]
         causal = (pos[0][None, :] <= pos[0][:, None])[None]                                     # [1, t, t]
         h, _ = self.decoder(self.embed(decoder_inputs), self.decoder.position_bias(pos, pos), causal, cross)

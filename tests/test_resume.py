@@ -1,4 +1,5 @@
-"""Kill -9 mid-run and rerun: the resumed run's per-step losses equal an uninterrupted run's, bit for bit."""
+"""SIGTERM saves and stops. (Kill -9 at a random step and a bitwise resume: test_engine_contract.py, with the
+real RQ-KMeans tokenizer and the GRPO toy task; a corrupt newest step: test_checkpoint_integrity.py.)"""
 
 import json
 import os
@@ -7,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, logged_losses
+from conftest import REPO
 
 ARGS = ["--config", f"{REPO}/configs/two_tower.py:tiny", "--set", "train.steps=30", "--set", "train.log_every=1",
         "--set", "train.checkpoint_every=8", "--set", "train.batch_size=32", "--set", "mesh.data=2"]
@@ -28,26 +29,6 @@ def _wait_for_step(workdir, step, proc, timeout=120):
             return
         time.sleep(0.05)
     raise TimeoutError(f"step {step} not reached")
-
-
-def test_kill_9_and_rerun_gives_bitwise_equal_losses(tmp_path):
-    reference = _train(tmp_path / "reference")
-    assert reference.wait(timeout=300) == 0, reference.stdout.read()
-    expected = logged_losses(tmp_path / "reference")
-    assert sorted(expected) == list(range(1, 31))
-
-    workdir = tmp_path / "killed"
-    victim = _train(workdir)
-    _wait_for_step(workdir, 26, victim)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=60)
-    assert victim.returncode == -signal.SIGKILL
-
-    resumed = _train(workdir)
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
-    assert "resuming at step 8" in out or "resuming at step 16" in out or "resuming at step 24" in out
-    assert logged_losses(workdir) == expected  # exact float equality, every step
 
 
 def test_sigterm_saves_and_exits(tmp_path):

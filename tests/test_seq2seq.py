@@ -98,6 +98,22 @@ def test_kv_cache_decoding_equals_full_forward(name):
     np.testing.assert_allclose(steps, full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("decoder_only", [False, True])
+def test_n_continuations_per_query_share_its_encoder_pass(decoder_only):
+    """``model(tokens [b, s], mask, decoder_inputs [b * n, t])`` (a beam's candidates scored together) equals
+    the forward of every query repeated n times."""
+    cfg = tiny(decoder_only=decoder_only)
+    model = _build(cfg)
+    tokens, mask, _ = _batch(cfg)
+    _, _, dec = _batch(cfg, b=6, seed=1)                       # 2 continuations of each of the 3 queries
+    fwd = _jit(model, lambda m, x, k, d: m(x, k, d))
+    shared = np.asarray(fwd(tokens, mask, dec))
+    repeated = np.asarray(fwd(np.repeat(tokens, 2, 0), np.repeat(mask, 2, 0), dec))
+    np.testing.assert_allclose(shared, repeated, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="not a multiple"):
+        model(tokens, mask, dec[:4])
+
+
 def test_kv_cache_with_reordered_rows():
     """A beam search gathers the cache along axis 0 between steps: decoding stays equal to recompute."""
     cfg = tiny()

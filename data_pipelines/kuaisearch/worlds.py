@@ -20,6 +20,7 @@ Pure data code: no JAX, nothing of ``trainers/`` or ``models/``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
 from collections.abc import Iterable, Iterator, Mapping
@@ -33,6 +34,7 @@ from data_pipelines.kuaisearch import rank_features as rf
 from data_pipelines.kuaisearch import records, schema
 
 TABLES_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def batched(n: int, size: int) -> Iterator[slice]:
@@ -133,9 +135,7 @@ class GenerativeWorld:
             raise ValueError(f"data.sid_table {folder}: none of the {len(codes)} corpus items of {recall.root} "
                              f"has a SID (the table holds {len(table)} other item ids)")
         if covered < len(codes):
-            import logging  # noqa: PLC0415
-
-            logging.getLogger(__name__).warning(
+            log.warning(
                 "data.sid_table %s: %d of %d corpus items have no SID; they cannot be generated (counted as "
                 "misses) and their DSI examples are left out", folder, len(codes) - covered, len(codes))
         return cls(recall, codes, tuple(int(k) for k in meta["sizes"]), load_trie(folder / "trie"), table_ids)

@@ -55,9 +55,8 @@ class LTRGRTask(DSITask):
         logits = self.teacher_forced(model, batch)
         gen, metrics = dsi_loss(code_log_probs(self.vocab, logits), batch["codes"])
         b, w, depth = batch["candidates"].shape
-        cands = batch["candidates"].reshape(b * w, depth)
-        repeat = lambda x: jnp.repeat(x, w, axis=0)  # noqa: E731 - each query once per candidate
-        cand_logits = model(repeat(batch["input_ids"]), repeat(batch["input_mask"]), self.vocab.decoder_inputs(cands))
+        cands = batch["candidates"].reshape(b * w, depth)   # a query's W candidates share its encoder pass
+        cand_logits = model(batch["input_ids"], batch["input_mask"], self.vocab.decoder_inputs(cands))
         scores = sequence_log_prob(self.vocab, cand_logits, cands).reshape(b, w)
         rank, rank_metrics = ltrgr_rank_loss(sequence_log_prob(self.vocab, logits, batch["codes"]), scores,
                                              batch["negative"], self.config.ltrgr.margin)
