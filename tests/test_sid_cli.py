@@ -2,15 +2,13 @@
 
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, wait_for_checkpointed_step
+from conftest import REPO
 
 from data_pipelines.sid.embeddings import synthetic_embeddings
 from data_pipelines.sid.table import load_table
