@@ -32,7 +32,7 @@ def ltrgr_rank_loss(positive: jax.Array, candidates: jax.Array, negative: jax.Ar
     """LTRGR's margin rank loss (Li et al. 2024, "Learning to Rank in Generative Retrieval", Sec. 3.3):
     ``max(0, s(q, p_neg) - s(q, p_pos) + m)``, with ``s`` the model's log-likelihood of an item's identifier
     and the negatives taken from the model's own beam (the items it would rank above the clicked one); the
-    loss here averages the hinge over every negative of the beam (LTRGR pairs its two hardest ones).
+    loss here averages the hinge over every negative of the beam.
 
     ``positive [B]`` log-likelihood of a relevant item's SID; ``candidates [B, W]`` of the beam's SIDs;
     ``negative [B, W]`` bool (a candidate that is no relevant item, and a real beam entry) -> (loss,
