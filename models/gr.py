@@ -37,9 +37,14 @@ class SIDVocab:
     def offset(self, level: int) -> int:
         return self.text + 1 + sum(self.sizes[:level])
 
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """The first token id of each level's code block."""
+        return tuple(self.offset(level) for level in range(self.depth))
+
     def tokens(self, codes: jax.Array) -> jax.Array:
         """``codes [..., D]`` -> vocabulary ids ``[..., D]``."""
-        return codes + jnp.asarray([self.offset(level) for level in range(self.depth)], codes.dtype)
+        return codes + jnp.asarray(self.offsets, codes.dtype)
 
     def decoder_inputs(self, codes: jax.Array) -> jax.Array:
         """Teacher forcing: ``codes [B, D]`` -> ``[B, D]`` = start, then the first ``D - 1`` code tokens."""
@@ -68,5 +73,5 @@ def sequence_log_prob(vocab: SIDVocab, logits: jax.Array, codes: jax.Array) -> j
 def code_step(model, vocab: SIDVocab):
     """The model's KV-cached decoding step (``model.step``) in code space: the ``step`` protocol of
     ``models.beam_search.beam_search``."""
-    return beam_search.code_step(model.step, offsets=[vocab.offset(level) for level in range(vocab.depth)],
+    return beam_search.code_step(model.step, offsets=vocab.offsets,
                                  sizes=vocab.sizes, start_token=vocab.start)

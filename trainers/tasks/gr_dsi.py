@@ -57,6 +57,11 @@ def retrieve(model: Seq2Seq, input_ids: jax.Array, input_mask: jax.Array, *, tri
 
 @register("gr_dsi")
 class DSITask(Task):
+    @property
+    def sid_sizes(self) -> tuple[int, ...]:
+        """``model.sid_sizes`` when set (a paper-scale config lowers from it without data), else the table's."""
+        return tuple(int(k) for k in self.config.model.sid_sizes) or self.world.sizes
+
     @functools.cached_property
     def world(self) -> GenerativeWorld:
         world = GenerativeWorld.load(self.config.data, max_vocab=self.config.model.text_vocab)
@@ -71,8 +76,7 @@ class DSITask(Task):
         """Text pieces + the SID levels: ``model.text_vocab`` / ``model.sid_sizes`` when set (a paper-scale
         config lowers from them without data), else the tokenizer's and the SID table's sizes."""
         m = self.config.model
-        sizes = tuple(int(k) for k in m.sid_sizes) or self.world.sizes
-        return SIDVocab(m.text_vocab or self.world.recall.tokenizer.vocab_size, sizes)
+        return SIDVocab(m.text_vocab or self.world.recall.tokenizer.vocab_size, self.sid_sizes)
 
     def model_config(self) -> Seq2SeqConfig:
         m = self.config.model

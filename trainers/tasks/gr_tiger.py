@@ -30,8 +30,7 @@ class TigerTask(DSITask):
     @functools.cached_property
     def vocab(self) -> SIDVocab:
         """One padding id (0), the decoder start token, then the code blocks: histories are codes only."""
-        sizes = tuple(int(k) for k in self.config.model.sid_sizes) or self.world.sizes
-        return SIDVocab(1, sizes)
+        return SIDVocab(1, self.sid_sizes)
 
     @functools.cached_property
     def examples(self) -> dict[str, list[ex.NextItem]]:
@@ -41,8 +40,7 @@ class TigerTask(DSITask):
 
     @functools.cached_property
     def transform(self) -> HistoryTransform:
-        return HistoryTransform(self.world.item_codes, [self.vocab.offset(lv) for lv in range(self.vocab.depth)],
-                                self.config.data.max_history)
+        return HistoryTransform(self.world.item_codes, self.vocab.offsets, self.config.data.max_history)
 
     def inputs(self) -> dict[str, jax.ShapeDtypeStruct]:
         n = self.config.data.max_history * self.vocab.depth
