@@ -5,7 +5,9 @@
 Arguments: ``tiny`` (synthetic items, CPU, seconds), ``lite`` (OneSearch: 3 levels x 1024 codes),
 ``lite_tiger`` (TIGER: 3 x 256 + a dedup digit), ``lite_kuaisearch`` (the KuaiSearch paper's generative
 retrieval rows: 3 x 512 + a dedup digit), all at KuaiSearch-Lite's 6.6M items and 768-d embeddings;
-``rqvae_tiny`` and ``rqvae_lite`` (TIGER's RQ-VAE: 768 -> 512 -> 256 -> 128 -> 32, 3 x 256, beta 0.25).
+``rqvae_tiny`` and ``rqvae_lite`` (TIGER's RQ-VAE: 768 -> 512 -> 256 -> 128 -> 32, 3 x 256, beta 0.25);
+``quasid_tiny``/``quasid_lite`` and ``adasid_tiny``/``adasid_lite``: that RQ-VAE with QuaSID's or AdaSID's
+collision regulation, trained on co-engaged item pairs (``data.pairs``).
 """
 
 import math
@@ -29,7 +31,7 @@ def fit_steps(levels: int, iterations: int, num_items: int, batch_size: int) -> 
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    if arg.startswith("rqvae_"):
+    if arg.startswith(("rqvae_", "quasid_", "adasid_")):
         return rq_vae_config(arg)
     levels, codes, dim, iterations, batch, num_items, eval_batch = VARIANTS[arg]
     c = base_config()
@@ -64,9 +66,10 @@ def rq_vae_config(arg: str) -> ml_collections.ConfigDict:
     """TIGER's RQ-VAE (Rajput et al. 2023, Sec. 4): 768-d item embeddings, encoder 512 -> 256 -> 128 -> 32,
     3 levels x 256 codes, beta 0.25, batch 1024. (TIGER trains with Adagrad at lr 0.4 for 20k epochs;
     ecomax's optimizers are AdamW and SGD: AdamW at 1e-3 here.)"""
-    tiny = arg == "rqvae_tiny"
-    if arg not in ("rqvae_tiny", "rqvae_lite"):
+    method, _, size = arg.partition("_")
+    if method not in ("rqvae", "quasid", "adasid") or size not in ("tiny", "lite"):
         raise KeyError(arg)
+    tiny = size == "tiny"
     c = base_config()
     c.task = "sid_rq_vae"
     c.model = ml_collections.ConfigDict({
@@ -74,11 +77,32 @@ def rq_vae_config(arg: str) -> ml_collections.ConfigDict:
         "dim": 32 if tiny else 768, "hidden": [64, 32] if tiny else [512, 256, 128], "latent": 8 if tiny else 32,
         "levels": 3, "codes": 16 if tiny else 256, "beta": 0.25,
         "init_iterations": 10,          # Lloyd steps of the first-batch k-means that seeds the codebooks
+        "reset_every": 50 if tiny else 1000,  # re-seed codes unused over this many batches (0: never)
+        "rotation_trick": False,        # Fifty et al. 2024 instead of the straight-through estimator
+        "collision": "none" if method == "rqvae" else method,  # none | quasid | adasid
+    })
+    # QuaSID (Hu et al. 2026, arXiv 2603.00632; offline values: R = 1, margins 0.8 / 0.5, weights 0.2 / 0.1)
+    c.quasid = ml_collections.ConfigDict({
+        "radius": 1, "m_full": 0.8, "m_partial": 0.5, "lam_full": 0.2, "lam_partial": 0.1,
+        "temperature": 0.07, "lam_cl": 0.1,  # the dual-tower InfoNCE (the paper's tau and weight: unpublished)
+    })
+    # AdaSID (Pan et al. 2026, arXiv 2604.23522). The paper names these without publishing values; ecomax's:
+    # margins by overlap depth o = 1..L (QuaSID's 0.5 / 0.8 at o = L - 1, L), relaxation thresholds eta_o on
+    # cos(z_i, z_j), the load weight from 1 to 2 over 0..64 pairs of one signature, the schedule over
+    # [0.2, 0.8] of training.
+    c.adasid = ml_collections.ConfigDict({
+        "eta": [0.6, 0.75, 0.9], "margins": [0.3, 0.5, 0.8],
+        "f_min": 1.0, "f_max": 2.0, "d_max": 64.0, "alpha": 0.5,
+        "t_start": 0.2, "t_end": 0.8,   # fractions of train.steps
+        "lam_col_min": 0.2, "lam_cf_max": 0.1, "temperature": 0.07,
     })
     c.data.embeddings = ""
     c.data.synthetic = tiny
     c.data.num_items = 2048 if tiny else 6_600_000
     c.data.clusters = 24
+    c.data.pairs = ""                   # co-engaged pairs, [P, 2] item ids .npy (collision regulation only)
+    c.data.pairs_per_item = 4           # synthetic items: partners drawn per item, within its category
+    c.data.pair_rounds = 4              # copies of the items per pass, each with its next partner
     c.eval = ml_collections.ConfigDict({"batch_size": 1024 if tiny else 65_536, "max_examples": 0})
     c.trie = ml_collections.ConfigDict({"dense_levels": 2})
     c.train.batch_size = 256 if tiny else 1024

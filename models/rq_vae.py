@@ -1,6 +1,7 @@
 """RQ-VAE semantic-ID tokenizer (Lee et al. 2022; as TIGER uses it, Rajput et al. 2023, Sec. 3.1): an MLP
 encoder ``768 -> 512 -> 256 -> 128 -> 32`` (ReLU), ``L`` residual codebooks of ``K`` codes in the latent
-space, a mirrored decoder, and the straight-through estimator between quantiser and decoder.
+space, a mirrored decoder, and the straight-through estimator (or the rotation trick) between quantiser and
+decoder; ``revive_codes`` re-seeds the codes a window of batches left unused.
 """
 
 from __future__ import annotations
@@ -36,8 +37,22 @@ def straight_through(z: jax.Array, z_q: jax.Array) -> jax.Array:
     return z + jax.lax.stop_gradient(z_q - z)
 
 
+def rotation_trick(z: jax.Array, z_q: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """The rotation trick (Fifty et al. 2024, "Restructuring Vector Quantization with the Rotation Trick",
+    Sec. 4.2): forward ``z_q``; backward through ``sg[lambda R] z``, ``R`` the rotation taking ``z``'s
+    direction to ``z_q``'s (``R = I - 2 r r^T + 2 q e^T``, ``e = z/|z|, q = z_q/|z_q|, r = (e+q)/|e+q|``) and
+    ``lambda = |z_q| / |z|``, so the gradient keeps the angle between ``z`` and its codeword. ``[b, d]``."""
+    sg = jax.lax.stop_gradient
+    norm = lambda v: jnp.sqrt(jnp.sum(v * v, axis=-1, keepdims=True) + eps)  # noqa: E731
+    e, q = sg(z / norm(z)), sg(z_q / norm(z_q))
+    r = sg((e + q) / norm(e + q))
+    rotated = z - 2.0 * r * jnp.sum(r * z, -1, keepdims=True) + 2.0 * q * jnp.sum(e * z, -1, keepdims=True)
+    return sg(norm(z_q) / norm(z)) * rotated
+
+
 class RQVAE(nnx.Module):
-    def __init__(self, dims: Sequence[int], levels: int, codes: int, rngs: nnx.Rngs):
+    def __init__(self, dims: Sequence[int], levels: int, codes: int, rngs: nnx.Rngs, rotation: bool = False):
+        self.rotation = rotation
         self.encoder = _mlp(list(dims), rngs)
         self.decoder = _mlp(list(dims)[::-1], rngs)
         init = nnx.initializers.normal(1.0 / dims[-1] ** 0.5)
@@ -68,4 +83,18 @@ class RQVAE(nnx.Module):
         """``x [b, D]`` -> ``x_hat [b, D]``, ``z [b, d]`` and ``quantise``'s outputs."""
         z = self.encode(x)
         q = self.quantise(z)
-        return {**q, "z": z, "x_hat": _run(self.decoder, straight_through(z, q["z_q"]))}
+        estimator = rotation_trick if self.rotation else straight_through
+        return {**q, "z": z, "x_hat": _run(self.decoder, estimator(z, q["z_q"]))}
+
+
+def revive_codes(codebooks: jax.Array, usage: jax.Array, residuals: jax.Array, rng: jax.Array) -> jax.Array:
+    """Dead-code reset for a learned residual quantiser (as SoundStream does, Zeghidour et al. 2021, Sec. 3.2:
+    an unused codeword is replaced by an input vector of the current batch): every code of level ``l`` whose
+    ``usage`` is 0 becomes the level-``l`` residual of a random row of the batch, distinct rows per level.
+    ``codebooks [L, K, d], usage [L, K], residuals [L, b, d]`` -> ``[L, K, d]``."""
+    levels, k, _ = codebooks.shape
+    b = residuals.shape[1]
+    rows = jax.vmap(lambda key: jax.random.permutation(key, jnp.arange(max(b, k)) % b)[:k])(
+        jax.random.split(rng, levels))                                                      # [L, K]
+    fresh = jnp.take_along_axis(residuals, rows[:, :, None], axis=1)                        # [L, K, d]
+    return jnp.where((usage <= 0)[:, :, None], fresh, codebooks)

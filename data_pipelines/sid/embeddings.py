@@ -87,14 +87,71 @@ class EmbeddingRows(InMemorySource):
                 "w": (indices < self.n).astype(np.float32)}
 
 
-def synthetic_embeddings(num_items: int, dim: int, clusters: int, seed: int) -> np.ndarray:
-    """``[num_items, dim]`` float32 item embeddings with two-level structure (categories, then products
-    around them, then near-duplicates), L2-normalised like a text encoder's: a stand-in for a catalogue."""
+def synthetic_catalogue(num_items: int, dim: int, clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(x [num_items, dim] float32, category [num_items] int64)``: item embeddings with two-level structure
+    (``clusters`` categories, 4 products per category on average, near-duplicate items around each
+    product), L2-normalised like a text encoder's: a stand-in for a catalogue."""
     rng = np.random.default_rng(seed)
     categories = rng.normal(size=(clusters, dim))
-    products = categories[rng.integers(clusters, size=4 * clusters)] + 0.5 * rng.normal(size=(4 * clusters, dim))
-    x = products[rng.integers(len(products), size=num_items)] + 0.2 * rng.normal(size=(num_items, dim))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    product_category = rng.integers(clusters, size=4 * clusters)
+    products = categories[product_category] + 0.5 * rng.normal(size=(4 * clusters, dim))
+    product = rng.integers(len(products), size=num_items)
+    x = products[product] + 0.2 * rng.normal(size=(num_items, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), product_category[product]
+
+
+def synthetic_embeddings(num_items: int, dim: int, clusters: int, seed: int) -> np.ndarray:
+    """The vectors of ``synthetic_catalogue``."""
+    return synthetic_catalogue(num_items, dim, clusters, seed)[0]
+
+
+def synthetic_pairs(category: np.ndarray, per_item: int, seed: int) -> np.ndarray:
+    """Co-engaged pairs for the synthetic catalogue: each item with ``per_item`` random other items of its
+    category (shoppers co-click within a category more than across). ``category [N]`` -> row indices
+    ``[P, 2]`` int32, each unordered pair once."""
+    rng = np.random.default_rng(seed)
+    order = np.argsort(category, kind="stable")
+    starts = np.searchsorted(category[order], category)
+    sizes = np.bincount(category, minlength=category.max() + 1)[category]
+    a = np.repeat(np.arange(len(category)), per_item)
+    b = order[starts[a] + rng.integers(0, sizes[a])]
+    pairs = np.unique(np.sort(np.stack([a, b], axis=1), axis=1), axis=0)
+    return pairs[pairs[:, 0] != pairs[:, 1]].astype(np.int32)
+
+
+def partner_table(pairs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric CSR of co-engaged partners: ``pairs [P, 2]`` row indices -> ``(offsets [n + 1] int64,
+    partners [2P] int32)``, the partners of row i in ``partners[offsets[i]:offsets[i + 1]]``, ascending."""
+    both = np.concatenate([pairs, pairs[:, ::-1]]).astype(np.int64)
+    both = both[np.lexsort((both[:, 1], both[:, 0]))]
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(both[:, 0], minlength=n), out=offsets[1:])
+    return offsets, both[:, 1].astype(np.int32)
+
+
+class PairedEmbeddingRows(EmbeddingRows):
+    """Items, each with one co-engaged partner, for the collision-regulated tokenizers (QuaSID, AdaSID):
+    ``{"x", "x_pos": [d] float32, "item", "pos": [] int32 (rows), "has_pos", "w": [] float32}``.
+
+    The source holds ``rounds`` copies of the ``N`` items; copy ``r`` pairs item ``i`` with its
+    ``(r mod deg_i)``-th partner (``offsets, partners``: ``partner_table``), so a shuffled pass sees every
+    item with up to ``rounds`` different partners, resumably (the pairing is a function of the index).
+    An item with no partner is paired with itself, ``has_pos`` 0."""
+
+    def __init__(self, vectors: np.ndarray, offsets: np.ndarray, partners: np.ndarray, rounds: int = 1):
+        super().__init__(vectors)
+        self.offsets, self.partners, self.rounds = offsets, partners, max(1, rounds)
+        self.padded_len = self.n * self.rounds
+
+    def gather(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        indices = np.asarray(indices)
+        item, r = indices % self.n, indices // self.n
+        start, degree = self.offsets[item], self.offsets[item + 1] - self.offsets[item]
+        pos = np.where(degree > 0, self.partners[np.minimum(start + r % np.maximum(degree, 1),
+                                                            len(self.partners) - 1)], item)
+        return {"x": np.asarray(self.vectors[item], np.float32), "x_pos": np.asarray(self.vectors[pos], np.float32),
+                "item": item.astype(np.int32), "pos": pos.astype(np.int32),
+                "has_pos": (degree > 0).astype(np.float32), "w": np.ones(len(item), np.float32)}
 
 
 def item_vectors(data, dim: int, seed: int) -> np.ndarray:
