@@ -251,7 +251,8 @@ def _pairs(args: argparse.Namespace) -> int:
 
 
 def add_sid_parser(sub) -> None:
-    sid = sub.add_parser("sid", help="semantic IDs: fit a tokenizer, assign items, write the table and trie")
+    sid = sub.add_parser("sid", help="semantic IDs: item vectors and co-engaged pairs; fit a tokenizer, "
+                         "write the table and trie")
     cmds = sid.add_subparsers(dest="sid_cmd", required=True)
     p = cmds.add_parser("build", help="fit on item embeddings, assign every item, write table, trie, metrics")
     p.add_argument("--config", required=True, help="configs/sid.py:VARIANT")
