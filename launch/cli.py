@@ -7,10 +7,12 @@
     ecomax data tokenizer --corpus FILE... --out spm.model
     ecomax demo --out runs/demo
     ecomax bench --config configs/X.py:ARG [--steps N] [--json OUT] [--aot --mesh data=2,fsdp=4,tensor=1]
-    ecomax export --workdir DIR --out DIR --format {params,safetensors,stablehlo,scann}
+    ecomax export --workdir DIR --out DIR --format {params,safetensors,stablehlo,scann,embeddings}
     ecomax launch {local,slurm,gke,tpu-vm} ... -- train ...
     ecomax retrieval bench --gallery G.npy --queries Q.npy [--k 10] [--target-recall 0.99] [--json OUT]
     ecomax sid build --config configs/sid.py:VARIANT --embeddings items.npy --out DIR
+    ecomax sid embed --encoder HF_DIR (--items items.jsonl | --config configs/gr.py:VARIANT) --out DIR
+    ecomax sid pairs (--config configs/gr.py:VARIANT | --root KUAISEARCH_DIR) --out DIR/pairs.npy
     ecomax gr sids --config configs/gr.py:VARIANT --out DIR
 """
 

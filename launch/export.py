@@ -4,6 +4,7 @@
     ecomax export --workdir runs/tt --out exports/tt-st     --format safetensors
     ecomax export --workdir runs/tt --out exports/tt-hlo    --format stablehlo [--platforms cpu,cuda,tpu]
     ecomax export --workdir runs/tt --out exports/tt-index  --format scann [--corpus eval] [--corpus-size N]
+    ecomax export --workdir runs/tt --out exports/tt-items  --format embeddings [--corpus eval] [--corpus-size N]
 
 The parameters come from the newest finished checkpoint of ``WORKDIR/checkpoints`` (or ``--step``),
 restored params-only onto one device (the optimizer state is not read), with the resolved config from
@@ -53,6 +54,13 @@ Formats
     the ``image`` tower). ``--ann``
     follows the evaluator: ``auto`` (ScaNN brute force below 20k items, a tree above), ``scann`` (a tree
     from 1000 items), ``exact``.
+
+``embeddings``
+    ``items.npy`` (``[N, d]`` float32) + ``items.ids.npy`` (``[N]`` int64): the same corpus as ``scann``
+    (``Task.export_corpus``, ``--corpus``, ``--corpus-size``) through the same item tower, row ``i`` the
+    tower's output for item ``ids[i]``, as the tower returns it (not re-normalised). Exactly what
+    ``ecomax sid build --embeddings OUT/items.npy`` reads (``data_pipelines.sid.embeddings.open_embeddings``);
+    with numpy alone: ``np.load(out / "items.npy")``, ``np.load(out / "items.ids.npy")``.
 """
 
 from __future__ import annotations
@@ -73,7 +81,7 @@ if TYPE_CHECKING:
 
 import numpy as np
 
-FORMATS = ("params", "safetensors", "stablehlo", "scann")
+FORMATS = ("params", "safetensors", "stablehlo", "scann", "embeddings")
 EXPORT_FORMAT = "ecomax.export/1"
 EXIT_ERROR = 2
 MAX_BAKED_BYTES = int(1.5 * 2**30)
@@ -461,6 +469,26 @@ def export_scann(trained: Trained, out: pathlib.Path, dtype: str | None, *, corp
     return manifest
 
 
+def export_embeddings(trained: Trained, out: pathlib.Path, dtype: str | None, *, corpus_name: str = "eval",
+                      corpus_size: int | None = None) -> dict[str, Any]:
+    """The item corpus's embeddings: ``out/items.npy`` ``[N, d]`` float32 and ``out/items.ids.npy`` ``[N]``
+    int64 (the ``scann`` format's corpus and tower, written as arrays instead of an index)."""
+    corpus = export_corpus(trained.task, trained.config.task, corpus_name, corpus_size)
+    ids, emb = embed_corpus(trained, corpus, dtype)
+    ids = ids.astype(np.int64)
+    if len(np.unique(ids)) != len(ids):
+        raise ExportError(f"the {corpus_name!r} corpus of task {trained.config.task!r} repeats item ids; an id map "
+                          "needs unique ids")
+    np.save(out / "items.npy", np.ascontiguousarray(emb, dtype=np.float32))
+    np.save(out / "items.ids.npy", ids)
+    manifest = _manifest(trained, "embeddings", dtype, path="items.npy", ids="items.ids.npy",
+                         item_tower=corpus.tower, corpus=corpus.description, num_items=int(len(ids)),
+                         dim=int(emb.shape[1]), normalized=False,
+                         load="data_pipelines.sid.embeddings.open_embeddings(out / 'items.npy')")
+    _write_common(out, trained, manifest)
+    return manifest
+
+
 # --- entry points -----------------------------------------------------------------------------------
 
 ARTIFACTS = {
@@ -468,6 +496,7 @@ ARTIFACTS = {
     "safetensors": ("model.safetensors", "config.json", "export.json"),
     "stablehlo": ("config.json", "export.json"),  # + one <tower>.jax_exported per tower
     "scann": ("index", "config.json", "export.json"),
+    "embeddings": ("items.npy", "items.ids.npy", "config.json", "export.json"),
 }
 
 
@@ -494,6 +523,8 @@ def export(workdir: str | os.PathLike[str], out: str | os.PathLike[str], fmt: st
         return export_safetensors(trained, out, dtype)
     if fmt == "stablehlo":
         return export_stablehlo(trained, out, dtype, platforms)
+    if fmt == "embeddings":
+        return export_embeddings(trained, out, dtype, corpus_name=corpus, corpus_size=corpus_size)
     return export_scann(trained, out, dtype, corpus_name=corpus, corpus_size=corpus_size, ann=ann,
                         num_neighbors=num_neighbors)
 
@@ -514,7 +545,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def add_export_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``export`` on the CLI's subparsers (sets ``func(args) -> int``)."""
-    p = subparsers.add_parser("export", help="export a trained workdir: params, safetensors, stablehlo, scann",
+    p = subparsers.add_parser("export", help="export a trained workdir: params, safetensors, stablehlo, scann, "
+                              "embeddings",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a workdir written by `ecomax train`")
     p.add_argument("--out", required=True, help="the folder to write (must be empty or new, unless --force)")
@@ -523,8 +555,10 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="cast floating parameters (default: as trained)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out (replaces our files only)")
-    p.add_argument("--corpus", default="eval", help="scann: which corpus of the task to index (default: eval)")
-    p.add_argument("--corpus-size", type=int, default=None, help="scann: number of corpus items (default: the task's)")
+    p.add_argument("--corpus", default="eval",
+                   help="scann, embeddings: which corpus of the task to embed (default: eval)")
+    p.add_argument("--corpus-size", type=int, default=None,
+                   help="scann, embeddings: number of corpus items (default: the task's)")
     p.add_argument("--ann", default="auto", choices=("auto", "scann", "exact"), help="scann: index kind")
     p.add_argument("--num-neighbors", type=int, default=10, help="scann: default neighbours per query")
     p.add_argument("--platforms", default="cpu,cuda,tpu", help="stablehlo: platforms to lower for")

@@ -1,6 +1,12 @@
-"""``ecomax sid build``: item embeddings -> a fitted SID tokenizer, the SID table, its trie and its metrics.
+"""``ecomax sid``: the inputs of a SID tokenizer, and the tokenizer itself.
 
     ecomax sid build --config configs/sid.py:VARIANT --embeddings items.npy --out DIR [--set key=value ...]
+    ecomax sid embed --encoder HF_DIR (--items items.jsonl | --config configs/gr.py:tiny) --out DIR \
+        [--batch-size 256] [--max-len 64]
+    ecomax sid pairs (--config configs/gr.py:tiny | --root KUAISEARCH_DIR) --out DIR/pairs.npy \
+        [--max-per-session 50] [--seed 0] [--splits train] [--embeddings items.npy]
+
+``build``:
 
 ``items.npy`` is ``[N, d]`` float32 (``d`` = the config's ``model.dim``); ids are the row numbers unless
 ``items.ids.npy`` (``[N]`` unique integers) sits beside it. The fit runs as a training run in
@@ -9,6 +15,19 @@
 in batches of ``eval.batch_size`` with a progress bar. ``DIR`` then holds ``sid_table.npy`` (``[N, D]``
 int32), ``item_ids.npy``, ``sid_table.json``, ``trie/`` (``trie.npz`` + ``trie.json``), ``codebooks.npy``
 (``[L, K, d]``; RQ-VAE: in its latent space) and ``metrics.json``.
+
+``embed``: item texts through a pretrained Hugging Face text encoder (a BERT-family folder of
+``config.json`` + ``model.safetensors`` + ``tokenizer.json``, e.g. all-MiniLM-L6-v2), mean pooling over the
+real tokens then L2 normalisation, as sentence-transformers does, in batches with a progress bar. The
+items come from ``--items`` (a KuaiSearch ``items.jsonl``: ``data_pipelines.sid.items``) or from the items
+of a KuaiSearch config's world (``data.root``, or its synthetic world). Writes ``DIR/items.npy``
+(``[N, hidden]`` float32, unit rows), ``DIR/items.ids.npy`` (``[N]`` int64 item ids) and ``DIR/embed.json``
+(encoder, max_len, counts): the input of ``sid build --embeddings DIR/items.npy``.
+
+``pairs``: co-engaged item pairs from the recall sessions of a config's world or of a KuaiSearch folder
+(``data_pipelines.sid.pairs.session_pairs``: the rule is in that module), written as a ``[P, 2]`` int64
+``.npy`` of item ids; with ``--embeddings``, engaged items outside that id map leave the sessions before
+pairing (counted).
 """
 
 from __future__ import annotations
@@ -18,6 +37,8 @@ import json
 import math
 import pathlib
 import sys
+
+import numpy as np
 
 EXIT_BAD_INPUT = 2
 
@@ -91,8 +112,147 @@ def run_reported(command: str, fit, errors: tuple[type[Exception], ...], done: s
     return 0
 
 
+# --- embed: item texts -> text-encoder vectors -----------------------------------------------------------
+
+
+def encode_texts(encoder: str | pathlib.Path, texts: list[str], *, batch_size: int = 256, max_len: int = 64,
+                 progress: bool = True) -> np.ndarray:
+    """texts ``[N]`` -> ``[N, hidden]`` float32 unit vectors from a Hugging Face BERT-family folder:
+    tokenised (truncated at ``max_len`` tokens), mean-pooled over the real tokens, L2-normalised
+    (``TextEncoder.embed``). Batches are padded to ``batch_size`` rows and to a multiple of 16 tokens, so
+    the jitted encoder compiles a few shapes, not one per batch."""
+    import jax
+    import tqdm
+    from flax import nnx
+
+    from models.hf_import import HFImportError, load_hf, load_tokenizer, tokenize
+
+    imp = load_hf(encoder)
+    if imp.family not in ("bert", "xlmr"):
+        raise HFImportError(f"{encoder}: a {imp.family!r} checkpoint; --encoder needs a text encoder (bert, xlmr)")
+    tok = load_tokenizer(encoder, max_len=max_len)
+    pad_id = (tok.padding or {}).get("pad_id", 0)
+    graphdef, params = nnx.split(imp.build())
+    embed = jax.jit(lambda p, ids, mask, types: nnx.merge(graphdef, p).embed(ids, mask, types))
+    rows = min(batch_size, len(texts))
+    out = []
+    for s in tqdm.trange(0, len(texts), rows, desc="embed", unit="batch", disable=not progress):
+        batch = tokenize(tok, texts[s:s + rows])
+        n, length = batch["ids"].shape
+        width = min(-(-length // 16) * 16, max(max_len, length))
+        ids = np.full((rows, width), pad_id, np.int32)
+        mask, types = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.int32)
+        ids[:n, :length], mask[:n, :length], types[:n, :length] = batch["ids"], batch["mask"], batch["type_ids"]
+        mask[n:, 0] = 1  # padding rows attend to one token: finite, then dropped
+        out.append(np.asarray(embed(params, ids, mask, types), np.float32)[:n])
+    return np.concatenate(out)
+
+
+def config_items(config_spec: str, overrides: list[str] = ()) -> tuple[np.ndarray, list[str], str]:
+    """``(ids [N] int64, texts, source)``: the item corpus of a KuaiSearch config's world (``data.root`` or
+    the synthetic world), with the recall task's item text (``examples.item_text``)."""
+    from data_pipelines.kuaisearch import examples as ex
+    from data_pipelines.kuaisearch.worlds import data_root
+    from launch.config import load_config
+
+    root = data_root(load_config(config_spec, list(overrides)).data)
+    corpus = ex.ItemCorpus.from_rows(ex.read_rows(root, "items"))
+    return corpus.ids, corpus.texts, str(root)
+
+
+def embed_items(encoder: str | pathlib.Path, out: str | pathlib.Path, *, items: str | None = None,
+                config_spec: str | None = None, overrides: list[str] = (), batch_size: int = 256,
+                max_len: int = 64) -> dict:
+    """Write ``out/items.npy`` ``[N, hidden]`` float32, ``out/items.ids.npy`` ``[N]`` int64 and
+    ``out/embed.json`` for the items of ``items`` (a jsonl) or of ``config_spec``'s world; returns the summary."""
+    from data_pipelines.sid.items import read_item_texts
+
+    if (items is None) == (config_spec is None):
+        raise ValueError("give exactly one of --items ITEMS.jsonl and --config CONFIG")
+    if items is not None:
+        ids, texts = read_item_texts(items)
+        source = str(items)
+    else:
+        ids, texts, source = config_items(config_spec, overrides)
+    vectors = encode_texts(encoder, texts, batch_size=batch_size, max_len=max_len)
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "items.npy", vectors)
+    np.save(out / "items.ids.npy", np.asarray(ids, np.int64))
+    summary = {"items": len(ids), "dim": int(vectors.shape[1]), "encoder": str(encoder), "source": source,
+               "max_len": max_len, "pooling": "mean over real tokens, then L2", "text": "title brand categories"}
+    (out / "embed.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from data_pipelines.kuaisearch.schema import KuaiSearchFormatError
+    from data_pipelines.sid.items import ItemTextError
+    from launch.config import ConfigError
+    from models.hf_import import HFImportError
+
+    try:
+        s = embed_items(args.encoder, args.out, items=args.items, config_spec=args.config, overrides=args.set,
+                        batch_size=args.batch_size, max_len=args.max_len)
+    except (ItemTextError, KuaiSearchFormatError, HFImportError, ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"ecomax sid embed: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"ecomax sid embed: {s['items']} items -> [{s['items']}, {s['dim']}] float32; wrote {args.out}/items.npy "
+          f"(+ items.ids.npy)")
+    return 0
+
+
+# --- pairs: co-engaged items of the recall sessions -------------------------------------------------------
+
+
+def write_session_pairs(out: str | pathlib.Path, *, config_spec: str | None = None, root: str | None = None,
+                        overrides: list[str] = (), max_per_session: int = 50, seed: int = 0,
+                        splits: list[str] | None = ("train",), embeddings: str | None = None) -> dict:
+    """``session_pairs`` of a config's world or a KuaiSearch folder, written to ``out`` (a ``.npy``)."""
+    from data_pipelines.kuaisearch import examples as ex
+    from data_pipelines.sid.embeddings import open_embeddings
+    from data_pipelines.sid.pairs import save_pairs, session_items, session_pairs
+
+    if (root is None) == (config_spec is None):
+        raise ValueError("give exactly one of --config CONFIG and --root KUAISEARCH_DIR")
+    if root is None:
+        from data_pipelines.kuaisearch.worlds import data_root
+        from launch.config import load_config
+
+        root = data_root(load_config(config_spec, list(overrides)).data)
+    elif not pathlib.Path(root).is_dir():
+        raise FileNotFoundError(f"--root {root} is not a folder")
+    rows = ex.read_rows(root, "recall")
+    keep = None if embeddings is None else open_embeddings(embeddings)[1]
+    sessions, dropped = session_items(rows, splits, keep)
+    pairs = session_pairs(rows, max_per_session=max_per_session, seed=seed, splits=splits, items=keep)
+    save_pairs(out, pairs)
+    return {"sessions": len(sessions), "sessions_with_pairs": sum(len(v) > 1 for v in sessions.values()),
+            "pairs": len(pairs), "items": len(np.unique(pairs)), "dropped_engagements": dropped, "source": str(root)}
+
+
+def _pairs(args: argparse.Namespace) -> int:
+    from data_pipelines.kuaisearch.schema import KuaiSearchFormatError
+    from data_pipelines.sid.embeddings import EmbeddingError
+    from launch.config import ConfigError
+
+    splits = None if args.splits == "all" else [s.strip() for s in args.splits.split(",") if s.strip()]
+    try:
+        s = write_session_pairs(args.out, config_spec=args.config, root=args.root, overrides=args.set,
+                                max_per_session=args.max_per_session, seed=args.seed, splits=splits,
+                                embeddings=args.embeddings)
+    except (KuaiSearchFormatError, EmbeddingError, ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"ecomax sid pairs: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    outside = f", {s['dropped_engagements']} engagements outside --embeddings left out" if args.embeddings else ""
+    print(f"ecomax sid pairs: {s['pairs']} pairs over {s['items']} items from {s['sessions_with_pairs']} of "
+          f"{s['sessions']} sessions{outside}; wrote {args.out}")
+    return 0
+
+
 def add_sid_parser(sub) -> None:
-    sid = sub.add_parser("sid", help="semantic IDs: fit a tokenizer, assign items, write the table and trie")
+    sid = sub.add_parser("sid", help="semantic IDs: item vectors and co-engaged pairs; fit a tokenizer, "
+                         "write the table and trie")
     cmds = sid.add_subparsers(dest="sid_cmd", required=True)
     p = cmds.add_parser("build", help="fit on item embeddings, assign every item, write table, trie, metrics")
     p.add_argument("--config", required=True, help="configs/sid.py:VARIANT")
@@ -100,3 +260,25 @@ def add_sid_parser(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.set_defaults(func=_build)
+
+    p = cmds.add_parser("embed", help="item texts -> text-encoder vectors (items.npy + items.ids.npy)")
+    p.add_argument("--encoder", required=True, help="a Hugging Face folder: config.json, model.safetensors, "
+                   "tokenizer.json (e.g. all-MiniLM-L6-v2)")
+    p.add_argument("--items", default=None, help="a KuaiSearch items.jsonl")
+    p.add_argument("--config", default=None, help="or a KuaiSearch config (configs/gr.py:tiny): its world's items")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a --config value")
+    p.add_argument("--out", required=True, help="the folder for items.npy, items.ids.npy, embed.json")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-len", type=int, default=64, help="tokens per item text (longer ones are truncated)")
+    p.set_defaults(func=_embed)
+
+    p = cmds.add_parser("pairs", help="co-engaged item pairs of the recall sessions (pairs.npy)")
+    p.add_argument("--config", default=None, help="a KuaiSearch config (configs/gr.py:tiny): its world's sessions")
+    p.add_argument("--root", default=None, help="or a KuaiSearch folder (raw JSONL or prepared)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a --config value")
+    p.add_argument("--out", required=True, help="the .npy to write ([P, 2] int64 item ids)")
+    p.add_argument("--max-per-session", type=int, default=50, help="pairs kept per session (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-session draw")
+    p.add_argument("--splits", default="train", help="comma-separated recall splits, or 'all' (default: train)")
+    p.add_argument("--embeddings", default=None, help="keep only items in this items.npy's id map")
+    p.set_defaults(func=_pairs)

@@ -163,6 +163,28 @@ def test_scann_index_roundtrip(trained, tmp_path):
     assert overlap >= 0.99
 
 
+def test_embeddings_are_the_item_towers_outputs_and_open_as_sid_input(trained, tmp_path):
+    from data_pipelines.sid.embeddings import open_embeddings
+
+    out = tmp_path / "emb"
+    manifest = ex.export(trained["workdir"], out, "embeddings", corpus_size=300)
+    assert manifest["kind"] == "embeddings" and manifest["item_tower"] == "image" and manifest["num_items"] == 300
+    assert manifest["step"] == 3 and manifest["config_hash"] == trained["meta"]["config_hash"]
+    vectors = np.load(out / "items.npy", allow_pickle=False)
+    ids = np.load(out / "items.ids.npy", allow_pickle=False)
+    assert vectors.dtype == np.float32 and vectors.shape == trained["ref"]["image"].shape
+    assert ids.dtype == np.int64 and ids.shape == (300,)
+    np.testing.assert_array_equal(ids, np.arange(300))  # two-tower: the held-out images, ids 0..n-1
+    np.testing.assert_allclose(vectors, trained["ref"]["image"], atol=1e-5)
+    opened, opened_ids = open_embeddings(out / "items.npy", dim=vectors.shape[1])  # what `ecomax sid build` reads
+    np.testing.assert_array_equal(opened, vectors)
+    np.testing.assert_array_equal(opened_ids, ids)
+    with pytest.raises(ex.ExportError, match="not empty; pass --force"):
+        ex.export(trained["workdir"], out, "embeddings")
+    assert ex.export(trained["workdir"], out, "embeddings", corpus_size=10, force=True)["num_items"] == 10
+    assert np.load(out / "items.npy").shape[0] == 10 and np.load(out / "items.ids.npy").shape == (10,)
+
+
 def test_refuses_non_empty_out_and_unfinished_workdir(trained, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
