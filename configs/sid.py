@@ -100,7 +100,7 @@ def rq_vae_config(arg: str) -> ml_collections.ConfigDict:
     c.data.synthetic = tiny
     c.data.num_items = 2048 if tiny else 6_600_000
     c.data.clusters = 24
-    c.data.pairs = ""                   # co-engaged pairs, [P, 2] item ids .npy (collision regulation only)
+    c.data.pairs = ""                   # co-engaged pairs, [P, 2] item ids .npy (collision regulation); none: no pairs
     c.data.pairs_per_item = 4           # synthetic items: partners drawn per item, within its category
     c.data.pair_rounds = 4              # copies of the items per pass, each with its next partner
     c.eval = ml_collections.ConfigDict({"batch_size": 1024 if tiny else 65_536, "max_examples": 0})

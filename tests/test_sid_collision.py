@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipelines.sid.embeddings import PairedEmbeddingRows, partner_table, synthetic_catalogue, synthetic_pairs
+from data_pipelines.sid.embeddings import PairedEmbeddingRows, synthetic_catalogue, synthetic_pairs
+from data_pipelines.sid.pairs import partner_table
 from models.rq_vae import revive_codes, rotation_trick
 from trainers.losses import semantic_ids as L
 
@@ -160,5 +161,6 @@ def test_a_regulated_tokenizer_trains_on_a_sharded_batch_of_pairs(tmp_path, meth
     pairs = "hamr/full_pairs" if method == "quasid" else "adasid/candidate_pairs"
     assert all(r[pairs] > 0 for r in records)
     if method == "adasid":
-        assert records[0]["lam_col"] == 1.0 and records[-1]["lam_col"] == pytest.approx(0.2)
+        lam = [r["lam_col"] for r in records]                        # steps 20, 40, 60 of [12, 48]: decaying
+        assert 0.2 < lam[0] < 1.0 and lam == sorted(lam, reverse=True) and lam[-1] == pytest.approx(0.2)
     assert 0 < result.eval_metrics["collision_rate"] < 1 and result.eval_metrics["cur/level_1"] > 0.5

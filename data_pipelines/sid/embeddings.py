@@ -119,22 +119,12 @@ def synthetic_pairs(category: np.ndarray, per_item: int, seed: int) -> np.ndarra
     return pairs[pairs[:, 0] != pairs[:, 1]].astype(np.int32)
 
 
-def partner_table(pairs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric CSR of co-engaged partners: ``pairs [P, 2]`` row indices -> ``(offsets [n + 1] int64,
-    partners [2P] int32)``, the partners of row i in ``partners[offsets[i]:offsets[i + 1]]``, ascending."""
-    both = np.concatenate([pairs, pairs[:, ::-1]]).astype(np.int64)
-    both = both[np.lexsort((both[:, 1], both[:, 0]))]
-    offsets = np.zeros(n + 1, np.int64)
-    np.cumsum(np.bincount(both[:, 0], minlength=n), out=offsets[1:])
-    return offsets, both[:, 1].astype(np.int32)
-
-
 class PairedEmbeddingRows(EmbeddingRows):
     """Items, each with one co-engaged partner, for the collision-regulated tokenizers (QuaSID, AdaSID):
     ``{"x", "x_pos": [d] float32, "item", "pos": [] int32 (rows), "has_pos", "w": [] float32}``.
 
     The source holds ``rounds`` copies of the ``N`` items; copy ``r`` pairs item ``i`` with its
-    ``(r mod deg_i)``-th partner (``offsets, partners``: ``partner_table``), so a shuffled pass sees every
+    ``(r mod deg_i)``-th partner (``offsets, partners``: ``data_pipelines.sid.pairs.partner_table``), so a shuffled pass sees every
     item with up to ``rounds`` different partners, resumably (the pairing is a function of the index).
     An item with no partner is paired with itself, ``has_pos`` 0."""
 

@@ -136,8 +136,3 @@ def partner_table(rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(np.bincount(edges[:, 0], minlength=n), out=offsets[1:])
     return offsets, edges[:, 1].astype(np.int32)
-
-
-def partners(pairs_rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Alias of ``partner_table``: ``(offsets [n + 1], partners [nnz])``."""
-    return partner_table(pairs_rows, n)

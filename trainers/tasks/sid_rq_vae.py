@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data_pipelines.sid.embeddings import (EmbeddingRows, PairedEmbeddingRows, item_vectors, partner_table,
-                                           synthetic_catalogue, synthetic_pairs)
+from data_pipelines.sid.embeddings import (EmbeddingRows, PairedEmbeddingRows, item_vectors, synthetic_catalogue,
+                                           synthetic_pairs)
+from data_pipelines.sid.pairs import load_pairs, partner_table
 from models.rq_vae import RQVAE, revive_codes
 from models.semantic_ids import kmeans_plus_plus, lloyd_sums, nearest
 from trainers.evaluators.sid_metrics import sid_metrics
@@ -58,11 +59,12 @@ class RQVAETask(Task):
 
     @functools.cached_property
     def pairs(self) -> np.ndarray:
-        """Co-engaged pairs as rows of ``vectors``, ``[P, 2]``: ``data.pairs`` (item ids), or the synthetic
-        catalogue's (items of one category)."""
+        """Co-engaged pairs as rows of ``vectors``, ``[P, 2]``: ``data.pairs`` (item ids; ``none``: no pairs, so
+        no collaborative term, repulsion only), or the synthetic catalogue's (items of one category)."""
         d = self.config.data
+        if d.pairs == "none":
+            return np.zeros((0, 2), np.int32)
         if d.pairs:
-            from data_pipelines.sid.pairs import load_pairs
             return load_pairs(d.pairs, self._ids())
         if not d.synthetic or d.embeddings:
             raise ValueError(f"model.collision={self.collision} trains on co-engaged item pairs: set data.pairs="
