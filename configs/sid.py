@@ -91,7 +91,8 @@ def rq_vae_config(arg: str) -> ml_collections.ConfigDict:
     # cos(z_i, z_j), the load weight from 1 to 2 over 0..64 pairs of one signature, the schedule over
     # [0.2, 0.8] of training.
     c.adasid = ml_collections.ConfigDict({
-        "eta": [0.6, 0.75, 0.9], "margins": [0.3, 0.5, 0.8],
+        "similarity": "latent",         # relaxation on cos(z_i, z_j) (latent) or on the input embeddings (input)
+        "eta": [0.9, 0.95, 0.98], "margins": [0.3, 0.5, 0.8],
         "f_min": 1.0, "f_max": 2.0, "d_max": 64.0, "alpha": 0.5,
         "t_start": 0.2, "t_end": 0.8,   # fractions of train.steps
         "lam_col_min": 0.2, "lam_cf_max": 0.1, "temperature": 0.07,

@@ -74,8 +74,9 @@ def test_codebooks_start_as_kmeans_of_the_first_batch_and_training_lowers_the_lo
     assert result.eval_metrics["cur/level_1"] > 0.5 and 0 < result.eval_metrics["collision_rate"] <= 1
 
 
-def test_rq_vae_lite_lowers_on_8_devices(tmp_path):
-    config = load_test_config("configs/sid.py:rqvae_lite", "mesh.data=8")
+@pytest.mark.parametrize("variant", ["rqvae_lite", "quasid_lite", "adasid_lite"])
+def test_rq_vae_lite_lowers_on_8_devices(tmp_path, variant):
+    config = load_test_config(f"configs/sid.py:{variant}", "mesh.data=8")
     trainer = Trainer.create(config, tmp_path)
     assert trainer.spec.abstract_params["codebooks"].shape == (3, 256, 32)
     dims = [p["kernel"].shape for p in trainer.spec.abstract_params["encoder"].values()]

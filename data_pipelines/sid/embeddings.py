@@ -137,8 +137,8 @@ class PairedEmbeddingRows(EmbeddingRows):
         indices = np.asarray(indices)
         item, r = indices % self.n, indices // self.n
         start, degree = self.offsets[item], self.offsets[item + 1] - self.offsets[item]
-        pos = np.where(degree > 0, self.partners[np.minimum(start + r % np.maximum(degree, 1),
-                                                            len(self.partners) - 1)], item)
+        partners = self.partners if len(self.partners) else np.zeros(1, np.int32)  # no pairs at all: no partner
+        pos = np.where(degree > 0, partners[np.minimum(start + r % np.maximum(degree, 1), len(partners) - 1)], item)
         return {"x": np.asarray(self.vectors[item], np.float32), "x_pos": np.asarray(self.vectors[pos], np.float32),
                 "item": item.astype(np.int32), "pos": pos.astype(np.int32),
                 "has_pos": (degree > 0).astype(np.float32), "w": np.ones(len(item), np.float32)}

@@ -81,12 +81,13 @@ def load_weight(load: jax.Array, *, f_min: float, f_max: float, d_max: float, al
 
 
 def adasid_collision_loss(z: jax.Array, codes: jax.Array, valid: jax.Array, *, eta: jax.Array, margins: jax.Array,
-                          f_min: float, f_max: float, d_max: float, alpha: float
-                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                          f_min: float, f_max: float, d_max: float, alpha: float,
+                          similarity: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """AdaSID's adaptive overlap regulation (Pan et al. 2026, Sec. 3): over the valid pairs that share at least
     one code (overlap depth ``o = sum_l 1[s_i^l = s_j^l] > 0``),
-    1. semantic-adaptive relaxation: a pair with ``cos(z_i, z_j) >= eta[o - 1]`` is admissible sharing and
-       is not repelled (``eta [L]``, non-decreasing: a deeper overlap needs more evidence);
+    1. semantic-adaptive relaxation: a pair with ``similarity_ij >= eta[o - 1]`` is admissible sharing and
+       is not repelled (``eta [L]``, non-decreasing: a deeper overlap needs more evidence; ``similarity
+       [n, n]`` defaults to ``cos(z_i, z_j)``, or e.g. the cosine of the items' input embeddings);
     2. load-adaptive strengthening: the rest get the hinge ``[m_o - d_ij]_+`` (``margins [L]`` by depth)
        times ``load_weight(c_ij)``, ``c_ij`` the number of candidate pairs in the batch with the same
        collision signature (the per-level equality pattern).
@@ -95,7 +96,7 @@ def adasid_collision_loss(z: jax.Array, codes: jax.Array, valid: jax.Array, *, e
     depth = jnp.sum(eq, axis=-1)                                                  # [n, n] in 0..L
     candidate = valid & (depth > 0)
     d = cosine_distance(z)
-    relaxed = (1.0 - d) >= eta[jnp.maximum(depth - 1, 0)]
+    relaxed = (1.0 - d if similarity is None else similarity) >= eta[jnp.maximum(depth - 1, 0)]
     pattern = jnp.sum(eq * (2 ** jnp.arange(codes.shape[1])), axis=-1)             # signature as an integer
     counts = jax.ops.segment_sum(candidate.ravel().astype(jnp.float32), pattern.ravel(),
                                  2 ** codes.shape[1])

@@ -123,8 +123,13 @@ class RQVAETask(Task):
             return rep + q.lam_cl * cf, {**metrics, "hamr_loss": rep, "cf_loss": cf}
         lam_col, lam_cf = L.progress_weights(step, t_start=q.t_start * c.train.steps, t_end=q.t_end * c.train.steps,
                                              lam_col_min=q.lam_col_min, lam_cf_max=q.lam_cf_max)
+        if q.similarity not in ("latent", "input"):
+            raise ValueError(f"adasid.similarity must be 'latent' or 'input', not {q.similarity!r}")
+        sim = None if q.similarity == "latent" else 1.0 - L.cosine_distance(
+            jnp.concatenate([batch["x"], batch["x_pos"]]))
         rep, metrics = L.adasid_collision_loss(z, codes, valid, eta=jnp.asarray(q.eta), margins=jnp.asarray(q.margins),
-                                               f_min=q.f_min, f_max=q.f_max, d_max=q.d_max, alpha=q.alpha)
+                                               f_min=q.f_min, f_max=q.f_max, d_max=q.d_max, alpha=q.alpha,
+                                               similarity=sim)
         return lam_col * rep + lam_cf * cf, {**metrics, "col_loss": rep, "cf_loss": cf, "lam_col": lam_col}
 
     def update(self, ctx, state, batch, rng):
