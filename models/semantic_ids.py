@@ -123,7 +123,7 @@ def balanced_codes(scores: jax.Array, valid: jax.Array, rows: jax.Array, axes: t
 
     def take(j, carry):
         taken, codes = carry
-        col = jnp.where(taken, jnp.inf, scores[:, j])
+        col = jnp.where(taken, jnp.inf, scores_t[j])
         neg, idx = jax.lax.top_k(-col, offer)  # this shard's best untaken rows, lower row first on ties
         val, row = -neg, first_row + idx
         all_val, all_row = gather(val), gather(row)
@@ -133,6 +133,7 @@ def balanced_codes(scores: jax.Array, valid: jax.Array, rows: jax.Array, axes: t
         rows_won = jnp.where(win, idx, b)  # out of range: dropped
         return taken.at[rows_won].set(True, mode="drop"), codes.at[rows_won].set(j, mode="drop")
 
+    scores_t = scores.T  # [K, b]: code j's scores contiguous
     taken, codes = jax.lax.fori_loop(0, k, take, (~valid, jnp.zeros((b,), jnp.int32)))
     return codes
 
