@@ -1,13 +1,14 @@
 """Generative retrieval on the synthetic KuaiSearch ``tiny`` world: DSI and LTRGR per SID tokenizer, beside
 the popularity and BM25 rows of the same test sessions.
 
-    python benchmarks/gr_kuaisearch.py [--tokenizers tiny,rqvae_tiny] [--dsi-steps 600] [--ltrgr-steps 300]
-                                       [--json rows.json]
+    python benchmarks/gr_kuaisearch.py [--tokenizers tiny,rqvae_tiny,quasid_tiny,adasid_tiny] [--dsi-steps 600]
+                                       [--ltrgr-steps 300] [--json rows.json]
 
 For each tokenizer (a ``configs/sid.py`` variant at the same codebook size, 3 x 16 + the dedup digit): item
 texts -> SIDs (``ecomax gr sids``), DSI trained from scratch, LTRGR continued from the DSI run
 (``init_from``); Recall@K / HitRate@K (K = 10, 20, 50) over the whole 800-item corpus, the SID table's
-collision rate, and the seconds each run took (the machine and its load are printed). The DPR rows of the
+collision rate, and the seconds each run took. QuaSID and AdaSID train on the world's co-engaged pairs
+(items co-clicked in a train session, ``ecomax sid pairs``); ``--ltrgr-steps 0`` runs DSI only (the machine and its load are printed). The DPR rows of the
 same world come from ``benchmarks/kuaisearch_baselines.py``.
 """
 
@@ -43,6 +44,7 @@ def _run(spec: str, work: pathlib.Path, overrides: list[str]) -> tuple[dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     from launch.gr import build_sids
+    from launch.sid import write_session_pairs
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokenizers", default="tiny,rqvae_tiny", help="configs/sid.py variants, comma-separated")
@@ -56,15 +58,22 @@ def main(argv: list[str] | None = None) -> int:
         tmp = pathlib.Path(tmp)
         for tok in args.tokenizers.split(","):
             sids = tmp / f"sids-{tok}"
-            sid_metrics = build_sids(f"{REPO / 'configs/gr.py'}:tiny", sids, tokenizer=f"configs/sid.py:{tok}")
+            pairs = []
+            if tok.startswith(("quasid", "adasid")):
+                write_session_pairs(tmp / "pairs.npy", config_spec=f"{REPO / 'configs/gr.py'}:tiny")
+                pairs = [f"data.pairs={tmp / 'pairs.npy'}"]
+            sid_metrics = build_sids(f"{REPO / 'configs/gr.py'}:tiny", sids, tokenizer=f"configs/sid.py:{tok}",
+                                     tokenizer_overrides=pairs)
             common = [f"data.sid_table={sids}", "mesh.data=1"]
             dsi, t_dsi = _run("tiny", tmp / f"dsi-{tok}", [*common, f"train.steps={args.dsi_steps}",
                                                            f"train.checkpoint_every={args.dsi_steps}"])
-            ltrgr, t_ltrgr = _run("ltrgr_tiny", tmp / f"ltrgr-{tok}", [
-                *common, f"init_from.model.path={tmp / f'dsi-{tok}'}", f"train.steps={args.ltrgr_steps}",
-                f"train.checkpoint_every={args.ltrgr_steps}"])
-            for method, ev, secs, steps in (("DSI", dsi, t_dsi, args.dsi_steps),
-                                            ("LTRGR", ltrgr, t_ltrgr, args.ltrgr_steps)):
+            runs = [("DSI", dsi, t_dsi, args.dsi_steps)]
+            if args.ltrgr_steps:
+                ltrgr, t_ltrgr = _run("ltrgr_tiny", tmp / f"ltrgr-{tok}", [
+                    *common, f"init_from.model.path={tmp / f'dsi-{tok}'}", f"train.steps={args.ltrgr_steps}",
+                    f"train.checkpoint_every={args.ltrgr_steps}"])
+                runs.append(("LTRGR", ltrgr, t_ltrgr, args.ltrgr_steps))
+            for method, ev, secs, steps in runs:
                 rows.append({"tokenizer": tok, "method": method, "steps": steps, "seconds": round(secs, 1),
                              "collision_rate": sid_metrics["collision_rate"], **{m: ev[m] for m in METRICS}})
             if tok == args.tokenizers.split(",")[0]:

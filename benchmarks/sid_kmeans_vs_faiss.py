@@ -50,6 +50,7 @@ def ecomax_fit(x: np.ndarray, levels: int, codes: int, iterations: int, chunk_ro
     config = load_config(f"{pathlib.Path(__file__).resolve().parents[1]}/configs/sid.py:tiny", [
         f"model.levels={levels}", f"model.codes={codes}", f"model.dim={x.shape[1]}",
         f"model.iterations={iterations}", f"model.chunk_rows={chunk_rows}", f"train.batch_size={len(x)}",
+        "model.init_rows=0",  # k-means++ on every row, as faiss is seeded
         f"data.embeddings={workdir}/items.npy", "data.num_items=0", "mesh.data=1"])
     trainer = Trainer.create(config, workdir, devices=jax.devices()[:1])
     step = trainer.compiled_step()

@@ -43,6 +43,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         "dead_code_reset": True,        # re-seed a code no item chose at the pass's farthest point
         "dedup": True,                  # append TIGER's dedup digit to colliding SIDs
         "chunk_rows": -1 if arg == "tiny" else 0,  # rows scored at a time (-1: 2^19 / codes, for CPU; 0: all)
+        "init_rows": 16_384,            # k-means++ seeds on at most this many rows of the first batch (0: all)
+        "balanced": False,              # OneRec's balanced k-means: each code takes B / K rows of every batch
+        "fsq_levels": [],               # OneMall: FSQ levels per dim of the final residual, one more SID level
     })
     c.data.embeddings = ""              # a [N, d] float32 .npy (ids: NAME.ids.npy beside it)
     c.data.synthetic = arg == "tiny"    # without data.embeddings: generated items (tiny only)

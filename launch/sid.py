@@ -14,7 +14,10 @@
 ``train.steps``; an interrupted build resumes there), then every item is assigned
 in batches of ``eval.batch_size`` with a progress bar. ``DIR`` then holds ``sid_table.npy`` (``[N, D]``
 int32), ``item_ids.npy``, ``sid_table.json``, ``trie/`` (``trie.npz`` + ``trie.json``), ``codebooks.npy``
-(``[L, K, d]``; RQ-VAE: in its latent space) and ``metrics.json``.
+(``[L, K, d]``; RQ-VAE: in its latent space), ``metrics.json`` and ``metrics.png`` (per-level code usage
+and collision-group sizes, ``trainers/evaluators/sid_plots.py``). With ``model.fsq_levels`` (RQ-KMeans) the
+SID has one more level, the FSQ code of the final residual (size ``prod(fsq_levels)``), and
+``fsq_projection.npy`` (``[d, m]``) and ``fsq.json`` (levels, scale) hold what it needs.
 
 ``embed``: item texts through a pretrained Hugging Face text encoder (a BERT-family folder of
 ``config.json`` + ``model.safetensors`` + ``tokenizer.json``, e.g. all-MiniLM-L6-v2), mean pooling over the
@@ -55,7 +58,7 @@ def build(config_spec: str, embeddings: str | pathlib.Path, out: str | pathlib.P
     from data_pipelines.sid.trie import build_trie, save_trie
     from launch.config import ConfigError, load_config
     from trainers.checkpoints import Checkpointer
-    from trainers.evaluators.sid_metrics import sid_metrics
+    from trainers.evaluators.sid_plots import sid_report
     from trainers.loop import Trainer
     from trainers.tasks import EvalContext
 
@@ -81,15 +84,31 @@ def build(config_spec: str, embeddings: str | pathlib.Path, out: str | pathlib.P
     bs = config.eval.batch_size
     codes = np.concatenate([trainer.task.assign(ctx, vectors[s:s + bs])
                             for s in tqdm.trange(0, len(vectors), bs, desc="assign", unit="batch")])
-    sizes = [m.codes] * m.levels
+    sizes = trainer.task.sid_sizes
     table = write_table(out, codes, ids, sizes, m.dedup)
     save_trie(build_trie(table, sizes + ([int(table[:, -1].max()) + 1] if m.dedup else []),
                          config.trie.dense_levels), out / "trie")
     np.save(out / "codebooks.npy", np.asarray(jax.device_get(trainer.task.codebooks(state))))
-    metrics = {"items": len(vectors), **sid_metrics(codes, sizes),
+    if config.task == "sid_rq_kmeans" and m.fsq_levels:
+        write_fsq(out, config, np.asarray(jax.device_get(state.extra["mse"])))
+    metrics = {"items": len(vectors), **sid_report(codes, sizes, out, name="metrics.png"),
                "dedup_size": int(table[:, -1].max()) + 1 if m.dedup else 0}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def write_fsq(out: pathlib.Path, config, mse) -> None:
+    """What the FSQ level of an RQ-KMeans SID needs besides the codebooks: ``fsq_projection.npy`` ``[d, m]``
+    and ``fsq.json`` (the levels and the scale ``z = r P / scale``, ``scale = sqrt(mse_L / d)``)."""
+    import numpy as np
+
+    from models.semantic_ids import fsq_projection
+
+    m = config.model
+    np.save(out / "fsq_projection.npy", fsq_projection(m.dim, len(m.fsq_levels), config.seed))
+    scale = float(np.sqrt(max(float(mse[-1]), 1e-30) / m.dim))
+    (out / "fsq.json").write_text(json.dumps({"levels": list(m.fsq_levels), "scale": scale,
+                                              "seed": config.seed}, indent=2))
 
 
 def _build(args: argparse.Namespace) -> int:

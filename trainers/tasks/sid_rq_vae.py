@@ -19,7 +19,7 @@ from data_pipelines.sid.embeddings import (EmbeddingRows, PairedEmbeddingRows, i
 from data_pipelines.sid.pairs import load_pairs, partner_table
 from models.rq_vae import RQVAE, revive_codes
 from models.semantic_ids import kmeans_plus_plus, lloyd_sums, nearest
-from trainers.evaluators.sid_metrics import sid_metrics
+from trainers.evaluators.sid_plots import sid_report
 from trainers.losses import semantic_ids as L
 from trainers.tasks import EvalContext, Task, Tower, register, with_axes
 
@@ -167,7 +167,12 @@ class RQVAETask(Task):
     def codebooks(self, state) -> jax.Array:
         return state.params["codebooks"]  # [L, K, latent]
 
+    @property
+    def sid_sizes(self) -> list[int]:
+        """Each SID level's codebook size: ``[K] * L``."""
+        return [self.config.model.codes] * self.config.model.levels
+
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
+        """SID metrics of the first ``eval.max_examples`` items (0: all), and their PNG (``sid_report``)."""
         limit = self.config.eval.max_examples or len(self.vectors)
-        m = self.config.model
-        return sid_metrics(self.assign(ctx, self.vectors[:limit]), [m.codes] * m.levels)
+        return sid_report(self.assign(ctx, self.vectors[:limit]), self.sid_sizes, ctx.workdir, ctx.step)
