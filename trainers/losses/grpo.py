@@ -34,12 +34,12 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array, advanta
     sequence's tokens, then over sequences.
 
     ``logp, old_logp, ref_logp [b, L]`` log-probs of the generated tokens under the current, rollout-time
-    and reference policies; ``advantages [b]``; ``mask [b, L]`` (1 for generated tokens, default all)
+    and reference policies; ``advantages [b]`` (or ``[b, L]``, per token); ``mask [b, L]`` (1 for generated tokens, default all)
     -> (scalar loss, {kl, clip_fraction}). The paper's defaults: ``clip`` 0.2, ``kl`` 0.04.
     """
     mask = jnp.ones_like(logp) if mask is None else mask.astype(logp.dtype)
     ratio = jnp.exp(logp - old_logp)
-    adv = advantages[:, None]
+    adv = advantages[:, None] if advantages.ndim == 1 else advantages  # per sequence, or per token (IG-Search)
     surrogate = jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - clip, 1 + clip) * adv)
     log_ref_ratio = ref_logp - logp
     kl_est = jnp.exp(log_ref_ratio) - log_ref_ratio - 1
