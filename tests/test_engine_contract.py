@@ -95,6 +95,18 @@ def test_grpo_rollout_task_learns_target_from_reward(tmp_path):
     assert 0.0 < result.metrics["kl"] < 10.0  # the reference policy (task state) is live in the loss
 
 
+def test_a_two_turn_rollout_runs_the_host_environment_between_turns(tmp_path):
+    config = load_test_config(f"{TOY}:grpo_turns", "train.steps=30", "train.checkpoint_every=1000")
+    trainer = Trainer.create(config, tmp_path)
+    result = trainer.run()
+    assert trainer.task.interactions == 30                      # one environment call per step (2 turns)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward"] for r in records if "reward" in r]
+    assert rewards[0] < 0.5 and np.mean(rewards[-5:]) > 0.8, rewards
+    # turn 2 samples after the inserted token: the greedy policy follows the target around it
+    assert result.eval_metrics["greedy_reward"] >= 0.75
+
+
 def test_host_scored_task_lowers_its_rollout(tmp_path):
     """Paper-scale compile checks without data: for a task with a host function, ``lower`` is its rollout."""
     config = load_test_config(f"{TOY}:grpo")
@@ -209,9 +221,10 @@ def _metrics(workdir):
 
 @pytest.mark.slow
 # the real RQ-KMeans tokenizer (task state: codebooks, pass accumulators, stored item codes, the schedule;
-# 3 levels x 8 passes x 4 batches) and the toy GRPO task (rollouts, a host function and its state)
+# 3 levels x 8 passes x 4 batches) and the toy two-turn GRPO agent (rollouts, a host environment between
+# turns, a host function and its state)
 @pytest.mark.parametrize("arg,steps,every,extra", [("configs/sid.py:tiny", 96, 4, ("model.iterations=8",)),
-                                                   ("grpo", 24, 5, ())])
+                                                   ("grpo_turns", 24, 5, ())])
 def test_kill_9_at_a_random_step_resumes_bitwise(tmp_path, arg, steps, every, extra):
     flags = ["--set", f"train.steps={steps}", "--set", f"train.checkpoint_every={every}", "--set", "train.log_every=1",
              *[a for e in extra for a in ("--set", e)]]

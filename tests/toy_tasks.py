@@ -204,6 +204,51 @@ def _policy_logprobs(model: Policy, tokens: jax.Array) -> jax.Array:
     return model(tokens)
 
 
+@register("toy_grpo_turns")
+class TwoTurnGRPOTask(GRPOTask):
+    """The toy GRPO task as a two-turn agent: turn 1 samples the first half of the sequence, the host
+    environment (``interact``) writes the target's next token into the context, as a retriever inserts
+    documents, and turn 2 samples the rest after it. The inserted position is masked out of the loss."""
+
+    turns = 2
+
+    @property
+    def half(self) -> int:
+        return len(self.target) // 2
+
+    def rollout(self, ctx, state, batch: Batch, rng: jax.Array) -> Batch:
+        model, length = ctx.model(state.params), len(self.target)
+        first = "tokens" not in batch
+        tokens = jnp.zeros((self.config.train.batch_size, length), jnp.int32) if first else batch["tokens"]
+        for t in range(0, self.half) if first else range(self.half + 1, length):
+            logits = model(tokens)[:, t]
+            tokens = tokens.at[:, t].set(jax.random.categorical(jax.random.fold_in(rng, t), logits))
+        mask = jnp.ones(tokens.shape, jnp.float32).at[:, self.half].set(0.0)
+        return {"tokens": tokens, "old_logp": token_logprobs(model, tokens), "mask": mask}
+
+    def interact(self, rollout: dict[str, np.ndarray], step: int, turn: int) -> dict[str, np.ndarray]:
+        self.interactions = getattr(self, "interactions", 0) + 1
+        tokens = rollout["tokens"].copy()
+        tokens[:, self.half] = self.target[self.half]
+        return {"tokens": tokens}
+
+    def reward(self, tokens: np.ndarray) -> np.ndarray:
+        keep = np.arange(tokens.shape[1]) != self.half  # the environment's token earns nothing
+        return (tokens == self.target[None])[:, keep].mean(1).astype(np.float32)
+
+    def update(self, ctx, state, batch: Batch, rng: jax.Array):
+        rl = self.config.rl
+        reference = ctx.model(state.extra["reference"])
+
+        def loss(model, batch, rng):
+            value, metrics = grpo_loss(token_logprobs(model, batch["tokens"]), batch["old_logp"],
+                                       jax.lax.stop_gradient(token_logprobs(reference, batch["tokens"])),
+                                       batch["advantage"], batch["mask"], clip=rl.clip, kl=rl.kl)
+            return value, {**metrics, "reward": jnp.mean(batch["reward"])}
+
+        return ctx.gradient_step(state, batch, rng, loss)
+
+
 # --- configs -----------------------------------------------------------------------------------------------
 
 
@@ -218,8 +263,8 @@ def get_config(arg: str = "kmeans") -> ml_collections.ConfigDict:
         c.train.steps, c.train.batch_size, c.train.checkpoint_every = 12, 512, 4
         c.data.num_points, c.data.dim, c.data.clusters = 512, 8, 6
         c.model.codes = 8
-    elif arg == "grpo":
-        c.task = "tests.toy_tasks:toy_grpo"
+    elif arg in ("grpo", "grpo_turns"):
+        c.task = f"tests.toy_tasks:toy_{arg}"
         c.train.steps, c.train.batch_size, c.train.checkpoint_every = 60, 64, 10
         c.train.grad_clip_norm = 1.0
         c.optimizer.learning_rate, c.optimizer.warmup_steps, c.optimizer.schedule = 0.05, 1, "constant"

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -345,22 +346,35 @@ def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax
 
 class _HostScoredStep:
     """Rollout (jitted) -> ``Task.score`` on the host -> updates (jitted): one train step of a task with a host
-    function. The update is compiled at the first call, when the scored batch's shapes are known."""
+    function. A multi-turn task (``Task.turns``) runs ``rollout`` again after each ``Task.interact``. The
+    later turns and the update are compiled at their first call, when the host's shapes are known."""
 
     def __init__(self, task: Task, rollout: Callable, update: Callable, shardings: TrainState, batch_sh: dict,
                  mesh: jax.sharding.Mesh):
         self.task, self.update, self.shardings, self.mesh = task, update, shardings, mesh
+        self._rollout_fn = rollout
         self.rollout = jax.jit(rollout, in_shardings=(shardings, batch_sh))
+        self._next_turn: Callable | None = None
         self._update: Callable | None = None
+        if task.turns > 1 and not task.overrides("interact"):
+            raise ValueError(f"task {type(task).__name__} has {task.turns} turns but no interact()")
+
+    def _to_device(self, batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        sh = {k: batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+        return global_batch(_local_rows(batch), sh), sh
 
     def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        step = int(jax.device_get(state.step))
         made = self.rollout(state, batch)
-        host = {k: to_host(v) for k, v in made.items()}
-        scored = self.task.score(host, int(jax.device_get(state.step)))
-        scored_sh = {k: batch_sharding(self.mesh, np.ndim(v)) for k, v in scored.items()}
+        for turn in range(1, self.task.turns):
+            context, sh = self._to_device(self.task.interact({k: to_host(v) for k, v in made.items()}, step, turn))
+            if self._next_turn is None:
+                self._next_turn = jax.jit(self._rollout_fn, in_shardings=(self.shardings, sh, None))
+            made = self._next_turn(state, context, jnp.int32(turn))
+        scored, scored_sh = self._to_device(self.task.score({k: to_host(v) for k, v in made.items()}, step))
         if self._update is None:
             self._update = jit_train_step(self.update, self.shardings, scored_sh, self.mesh)
-        return self._update(state, global_batch(_local_rows(scored), scored_sh))
+        return self._update(state, scored)
 
 
 def _local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

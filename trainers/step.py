@@ -156,12 +156,16 @@ def rollout_rng(seed: int, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _ROLLOUT_STREAM), step)
 
 
-def make_rollout(rollout: Callable, *, seed: int, mesh: Mesh, rules: Rules) -> Callable[[TrainState, Any], Any]:
-    """``(state, data batch) -> rollout batch`` with the live parameters, rng from ``(seed, step)``."""
+def make_rollout(rollout: Callable, *, seed: int, mesh: Mesh, rules: Rules) -> Callable[..., Any]:
+    """``(state, data batch[, turn]) -> rollout batch`` with the live parameters, rng from ``(seed, step)``
+    (and the turn of a multi-turn rollout, folded in)."""
 
-    def run(state: TrainState, batch: Any) -> Any:
+    def run(state: TrainState, batch: Any, turn: jax.Array | None = None) -> Any:
+        rng = rollout_rng(seed, state.step)
+        if turn is not None:
+            rng = jax.random.fold_in(rng, turn)
         with activation_rules(mesh, rules):
-            return rollout(state, batch, rollout_rng(seed, state.step))
+            return rollout(state, batch, rng)
 
     return run
 

@@ -68,7 +68,8 @@ class Task(abc.ABC):
     * task-owned state: ``init_extra`` (codebooks, counts, EMA teachers, a reference policy), carried in
       ``TrainState.extra``; ``host_state``/``load_host_state`` for what a host function keeps (JSON);
     * the step: ``update`` (default: ``ctx.gradient_step``); ``rollout`` (makes the step's batch with the
-      live parameters), ``score`` (a host function between rollout and update), ``updates_per_rollout``;
+      live parameters), ``score`` (a host function between rollout and update), ``updates_per_rollout``,
+      ``turns`` and ``interact`` (a multi-turn rollout with the host environment between turns);
     * evaluation and serving: ``evaluate``, ``towers``, ``export_corpus``, ``forward_flops``, ``model_config``.
     """
 
@@ -153,6 +154,18 @@ class Task(abc.ABC):
     def updates_per_rollout(self) -> int:
         """Updates taken on each rollout (GRPO's mu), against the log-probs recorded at rollout time."""
         return 1
+
+    @property
+    def turns(self) -> int:
+        """Rollout calls per train step: a multi-turn agent generates, the environment answers
+        (``interact``, on the host), it generates again, ``turns`` times; then ``score`` and the updates."""
+        return 1
+
+    def interact(self, rollout: dict[str, np.ndarray], step: int, turn: int) -> dict[str, np.ndarray]:
+        """The environment between two rollout turns (a retriever answering the policy's searches): the
+        previous turn's arrays on the host in, the next turn's ``rollout`` batch out (the same arrays every
+        turn, so it compiles once). ``turn`` counts from 1."""
+        raise NotImplementedError
 
     # --- evaluation, serving, export ----------------------------------------------------------------------
 
