@@ -1,4 +1,4 @@
-"""The ``ecomax`` command line: train, data, demo, bench, export, launch, retrieval, sid, gr.
+"""The ``ecomax`` command line: train, data, demo, bench, export, launch, retrieval, sid, gr, agents.
 
     ecomax train --config configs/two_tower.py:tiny --workdir runs/tt [--set train.steps=100 ...]
     ecomax data synth {ecom_rf_immr,kuaisearch} --out DIR ...
@@ -14,6 +14,9 @@
     ecomax sid embed --encoder HF_DIR (--items items.jsonl | --config configs/gr.py:VARIANT) --out DIR
     ecomax sid pairs (--config configs/gr.py:VARIANT | --root KUAISEARCH_DIR) --out DIR/pairs.npy
     ecomax gr sids --config configs/gr.py:VARIANT --out DIR
+    ecomax agents synth --out DIR [--seed S] [--entities N]
+    ecomax agents corpus --passages wiki.jsonl --encoder HF_DIR|bm25 --out INDEX_DIR [--batch-size 256]
+    ecomax agents search --index INDEX_DIR --query TEXT [--k 3]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import os
 import shlex
 import sys
 
+from launch.agents import add_agents_parser
 from launch.bench import add_bench_parser
 from launch.demo import add_demo_parser
 from launch.export import add_export_parser
@@ -204,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_retrieval_parser(sub)
     add_sid_parser(sub)
     add_gr_parser(sub)
+    add_agents_parser(sub)
     return parser
 
 

@@ -43,6 +43,8 @@ import sys
 
 import numpy as np
 
+from models.sentence_encoder import encode_texts  # noqa: F401  (the shared encoder; re-exported)
+
 EXIT_BAD_INPUT = 2
 
 
@@ -131,40 +133,7 @@ def run_reported(command: str, fit, errors: tuple[type[Exception], ...], done: s
     return 0
 
 
-# --- embed: item texts -> text-encoder vectors -----------------------------------------------------------
-
-
-def encode_texts(encoder: str | pathlib.Path, texts: list[str], *, batch_size: int = 256, max_len: int = 64,
-                 progress: bool = True) -> np.ndarray:
-    """texts ``[N]`` -> ``[N, hidden]`` float32 unit vectors from a Hugging Face BERT-family folder:
-    tokenised (truncated at ``max_len`` tokens), mean-pooled over the real tokens, L2-normalised
-    (``TextEncoder.embed``). Batches are padded to ``batch_size`` rows and to a multiple of 16 tokens, so
-    the jitted encoder compiles a few shapes, not one per batch."""
-    import jax
-    import tqdm
-    from flax import nnx
-
-    from models.hf_import import HFImportError, load_hf, load_tokenizer, tokenize
-
-    imp = load_hf(encoder)
-    if imp.family not in ("bert", "xlmr"):
-        raise HFImportError(f"{encoder}: a {imp.family!r} checkpoint; --encoder needs a text encoder (bert, xlmr)")
-    tok = load_tokenizer(encoder, max_len=max_len)
-    pad_id = (tok.padding or {}).get("pad_id", 0)
-    graphdef, params = nnx.split(imp.build())
-    embed = jax.jit(lambda p, ids, mask, types: nnx.merge(graphdef, p).embed(ids, mask, types))
-    rows = min(batch_size, len(texts))
-    out = []
-    for s in tqdm.trange(0, len(texts), rows, desc="embed", unit="batch", disable=not progress):
-        batch = tokenize(tok, texts[s:s + rows])
-        n, length = batch["ids"].shape
-        width = min(-(-length // 16) * 16, max(max_len, length))
-        ids = np.full((rows, width), pad_id, np.int32)
-        mask, types = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.int32)
-        ids[:n, :length], mask[:n, :length], types[:n, :length] = batch["ids"], batch["mask"], batch["type_ids"]
-        mask[n:, 0] = 1  # padding rows attend to one token: finite, then dropped
-        out.append(np.asarray(embed(params, ids, mask, types), np.float32)[:n])
-    return np.concatenate(out)
+# --- embed: item texts -> text-encoder vectors (models/sentence_encoder.py) ------------------------------
 
 
 def config_items(config_spec: str, overrides: list[str] = ()) -> tuple[np.ndarray, list[str], str]:
