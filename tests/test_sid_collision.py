@@ -144,7 +144,9 @@ def test_synthetic_pairs_stay_within_a_category():
     np.testing.assert_array_equal(category[pairs[:, 0]], category[pairs[:, 1]])
 
 
-@pytest.mark.parametrize("method", ["quasid", "adasid"])
+# AdaSID's run covers the pair source, the 2B-item batch, the pair masks and the schedule on a sharded
+# batch; QuaSID differs in the loss only (hand-checked above, lowered at paper scale in test_sid_rq_vae.py)
+@pytest.mark.parametrize("method", ["adasid"])
 def test_a_regulated_tokenizer_trains_on_a_sharded_batch_of_pairs(tmp_path, method):
     import json
 
