@@ -51,6 +51,17 @@ _PROGRESS_EVERY_LINES = 2000
 # ----------------------------------------------------------------------------- the rule, the errors
 
 
+def json_object(line: bytes | str, where: str, error: type[ValueError]) -> dict[str, Any]:
+    """A JSONL line -> its JSON object, else ``error("where: ...")`` (``where`` is ``file:line``)."""
+    try:
+        obj = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def check_max_bad_fraction(value: float) -> float:
     """Returns ``value`` as a float if it is a valid cap (``0 <= f < 1``), else raises ValueError."""
     try:

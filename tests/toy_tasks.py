@@ -186,7 +186,7 @@ class GRPOTask(Task):
         def loss(model, batch, rng):
             value, metrics = grpo_loss(token_logprobs(model, batch["tokens"]), batch["old_logp"],
                                        jax.lax.stop_gradient(token_logprobs(reference, batch["tokens"])),
-                                       batch["advantage"], clip=rl.clip, kl=rl.kl)
+                                       batch["advantage"], batch.get("mask"), clip=rl.clip, kl=rl.kl)
             return value, {**metrics, "reward": jnp.mean(batch["reward"]),
                            "reward_mean": jnp.mean(batch["reward_mean"])}
 
@@ -208,7 +208,8 @@ def _policy_logprobs(model: Policy, tokens: jax.Array) -> jax.Array:
 class TwoTurnGRPOTask(GRPOTask):
     """The toy GRPO task as a two-turn agent: turn 1 samples the first half of the sequence, the host
     environment (``interact``) writes the target's next token into the context, as a retriever inserts
-    documents, and turn 2 samples the rest after it. The inserted position is masked out of the loss."""
+    documents, and turn 2 samples the rest after it. The inserted position is masked out of the loss
+    (``mask``, which the base task's update passes to ``grpo_loss``)."""
 
     turns = 2
 
@@ -235,18 +236,6 @@ class TwoTurnGRPOTask(GRPOTask):
     def reward(self, tokens: np.ndarray) -> np.ndarray:
         keep = np.arange(tokens.shape[1]) != self.half  # the environment's token earns nothing
         return (tokens == self.target[None])[:, keep].mean(1).astype(np.float32)
-
-    def update(self, ctx, state, batch: Batch, rng: jax.Array):
-        rl = self.config.rl
-        reference = ctx.model(state.extra["reference"])
-
-        def loss(model, batch, rng):
-            value, metrics = grpo_loss(token_logprobs(model, batch["tokens"]), batch["old_logp"],
-                                       jax.lax.stop_gradient(token_logprobs(reference, batch["tokens"])),
-                                       batch["advantage"], batch["mask"], clip=rl.clip, kl=rl.kl)
-            return value, {**metrics, "reward": jnp.mean(batch["reward"])}
-
-        return ctx.gradient_step(state, batch, rng, loss)
 
 
 # --- configs -----------------------------------------------------------------------------------------------

@@ -74,17 +74,9 @@ def parse_passage(obj: dict, where: str) -> Passage:
 def iter_passages(path: str | os.PathLike, *, max_bad_fraction: float = 0.0,
                   stats: records.ReadStats | None = None) -> Iterator[Passage]:
     """``Passage(id, title, text)`` for each line of a passage JSONL, in file order (a repeated id is bad)."""
-    seen: dict[str, str] = {}
-
-    def parse(obj: dict, where: str) -> Passage:
-        p = parse_passage(obj, where)
-        if p.id in seen:
-            raise CorpusFormatError(f"{where}: passage id {p.id!r} repeats the one at {seen[p.id]}")
-        seen[p.id] = where
-        return p
-
-    yield from records.iter_jsonl(path, parse, error=CorpusFormatError, what="passages",
-                                  max_bad_fraction=max_bad_fraction, stats=stats)
+    yield from records.iter_jsonl(path, parse_passage, error=CorpusFormatError, what="passages",
+                                  max_bad_fraction=max_bad_fraction, stats=stats, key=lambda p: p.id,
+                                  key_name="passage id")
 
 
 def read_passages(path: str | os.PathLike, *, max_bad_fraction: float = 0.0,

@@ -103,17 +103,8 @@ def parse_qa(obj: dict, where: str) -> QARecord:
 def iter_qa(path: str | os.PathLike, *, max_bad_fraction: float = 0.0,
             stats: records.ReadStats | None = None) -> Iterator[QARecord]:
     """The records of a QA JSONL file, in file order (a repeated id is a bad line)."""
-    seen: dict[str, str] = {}
-
-    def parse(obj: dict, where: str) -> QARecord:
-        r = parse_qa(obj, where)
-        if r.id in seen:
-            raise QAFormatError(f"{where}: id {r.id!r} repeats the one at {seen[r.id]}")
-        seen[r.id] = where
-        return r
-
-    yield from records.iter_jsonl(path, parse, error=QAFormatError, what="QA", max_bad_fraction=max_bad_fraction,
-                                  stats=stats)
+    yield from records.iter_jsonl(path, parse_qa, error=QAFormatError, what="QA", max_bad_fraction=max_bad_fraction,
+                                  stats=stats, key=lambda r: r.id)
 
 
 def read_qa(path: str | os.PathLike, *, max_bad_fraction: float = 0.0,

@@ -12,7 +12,6 @@ exceeds ``f``. Blank lines are not records. Lines are read by ``jsonl_convert.it
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -35,28 +34,29 @@ class ReadStats:
 
 def parse_object(line: bytes, where: str, error: type[ValueError]) -> dict[str, Any]:
     """A line -> its JSON object, else ``error("where: ...")``."""
-    try:
-        obj = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    return obj
+    return jsonl_convert.json_object(line, where, error)
 
 
 def iter_jsonl(path: str | os.PathLike, parse: Callable[[dict, str], Any], *, error: type[ValueError],
-               what: str = "records", max_bad_fraction: float = 0.0,
-               stats: ReadStats | None = None) -> Iterator[Any]:
-    """Yields ``parse(obj, "path:line")`` for each good line of ``path`` (see the module docstring)."""
+               what: str = "records", max_bad_fraction: float = 0.0, stats: ReadStats | None = None,
+               key: Callable[[Any], str] | None = None, key_name: str = "id") -> Iterator[Any]:
+    """Yields ``parse(obj, "path:line")`` for each good line of ``path`` (see the module docstring); with
+    ``key``, a record whose ``key(record)`` repeats an earlier one's is a bad line."""
     cap = jsonl_convert.check_max_bad_fraction(max_bad_fraction)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {what} file at {path}")
     st = stats if stats is not None else ReadStats()
+    seen: dict[str, str] = {}
     for line_no, line in jsonl_convert.iter_file_lines(path):
         where = f"{path}:{line_no}"
         try:
             record = parse(parse_object(line, where, error), where)
+            if key is not None:
+                k = key(record)
+                if k in seen:
+                    raise error(f"{where}: {key_name} {k!r} repeats the one at {seen[k]}")
+                seen[k] = where
         except error as e:
             if cap == 0.0:
                 raise

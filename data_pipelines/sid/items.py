@@ -11,11 +11,11 @@ naming ``file:line``.
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import numpy as np
 
+from data_pipelines.jsonl_convert import json_object
 from data_pipelines.kuaisearch.examples import item_text
 
 TEXT_FIELDS = ("item_title", "brand_name", "category_level1_name", "category_level2_name", "category_level3_name")
@@ -27,12 +27,7 @@ class ItemTextError(ValueError):
 
 def parse_item(raw: bytes | str, where: str) -> tuple[int, str]:
     """One items line -> ``(item_id, text)``; ``where`` (``file:line``) prefixes every error."""
-    try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ItemTextError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ItemTextError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    obj = json_object(raw, where, ItemTextError)
     if "item_id" not in obj:
         raise ItemTextError(f"{where}: missing field 'item_id'")
     item_id = obj["item_id"]
