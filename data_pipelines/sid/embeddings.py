@@ -47,10 +47,13 @@ def open_embeddings(path: str | pathlib.Path, dim: int | None = None) -> tuple[n
         if bad.any():
             row = start + int(np.argmax(bad))
             raise EmbeddingError(f"embeddings {path}: row {row} is not finite (NaN or Inf)")
-    return vectors, _ids(path, len(vectors))
+    return vectors, read_id_map(path, len(vectors))
 
 
-def _ids(path: pathlib.Path, n: int) -> np.ndarray:
+def read_id_map(path: str | pathlib.Path, n: int) -> np.ndarray:
+    """The ``[n]`` int64 ids of an embeddings file's rows: its id map (checked: shape, dtype, unique), or the
+    row numbers when there is none."""
+    path = pathlib.Path(path)
     ids_path = id_map_path(path)
     if not ids_path.is_file():
         return np.arange(n, dtype=np.int64)

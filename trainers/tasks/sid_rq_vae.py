@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data_pipelines.sid.embeddings import (EmbeddingRows, PairedEmbeddingRows, item_vectors, synthetic_catalogue,
-                                           synthetic_pairs)
+from data_pipelines.sid.embeddings import (EmbeddingRows, PairedEmbeddingRows, item_vectors, read_id_map,
+                                           synthetic_catalogue, synthetic_pairs)
 from data_pipelines.sid.pairs import load_pairs, partner_table
 from models.rq_vae import RQVAE, revive_codes
 from models.semantic_ids import kmeans_plus_plus, lloyd_sums, nearest
@@ -73,8 +73,7 @@ class RQVAETask(Task):
         return synthetic_pairs(category, d.pairs_per_item, self.config.seed)
 
     def _ids(self) -> np.ndarray:
-        from data_pipelines.sid.embeddings import open_embeddings
-        return (open_embeddings(self.config.data.embeddings)[1] if self.config.data.embeddings
+        return (read_id_map(self.config.data.embeddings, len(self.vectors)) if self.config.data.embeddings
                 else np.arange(len(self.vectors), dtype=np.int64))
 
     def build_model(self, rngs: nnx.Rngs) -> RQVAE:
