@@ -98,13 +98,17 @@ class RQVAETask(Task):
         m = self.config.model
         return {"usage": with_axes(jnp.zeros((m.levels, m.codes), jnp.float32), ("levels", "codes"))}
 
-    def loss(self, model: RQVAE, batch, rng, step: jax.Array | int = 0):
+    def loss(self, model: RQVAE, batch, rng, step: jax.Array | int = 0, *, keep_codes: bool = False):
+        """RQ-VAE's loss (+ the collision regulariser); ``keep_codes`` adds the batch's codes and residuals
+        under ``"quantised"`` so the update counts code usage without a second encoder pass."""
         out = model(batch["x"])
         total, metrics = L.rq_vae_loss(batch["x"], out, self.config.model.beta)
-        if self.collision == "none":
-            return total, metrics
-        regulariser, more = self.collision_loss(model, batch, out, step)
-        return total + regulariser, {**metrics, **more}
+        if self.collision != "none":
+            regulariser, more = self.collision_loss(model, batch, out, step)
+            total, metrics = total + regulariser, {**metrics, **more}
+        if keep_codes:
+            metrics["quantised"] = jax.lax.stop_gradient({"codes": out["codes"], "residuals": out["residuals"]})
+        return total, metrics
 
     def collision_loss(self, model: RQVAE, batch, out, step):
         """The 2B items of a batch of co-engaged pairs (triggers, then targets) -> QuaSID's
@@ -142,11 +146,11 @@ class RQVAETask(Task):
             return {**params, "codebooks": kmeans_codebooks(z, m.codes, m.levels, rng, m.init_iterations)}
 
         params = jax.lax.cond(state.step == 0, init, lambda p: p, state.params)
-        loss = functools.partial(self.loss, step=state.step)
+        loss = functools.partial(self.loss, step=state.step, keep_codes=bool(m.reset_every))
         state, metrics = ctx.gradient_step(state.replace(params=params), batch, rng, loss_fn=loss)
         if not m.reset_every:
             return state, metrics
-        q = ctx.model(state.params).quantise(ctx.model(state.params).encode(batch["x"]))
+        q = metrics.pop("quantised")  # this batch's codes under the pre-step params
         usage = state.extra["usage"] + jax.vmap(lambda c: jnp.bincount(c, batch["w"], length=m.codes))(q["codes"].T)
         reset = (state.step + 1) % m.reset_every == 0
         books = jax.lax.cond(reset, lambda: revive_codes(state.params["codebooks"], usage, q["residuals"],
