@@ -102,6 +102,15 @@ class InMemorySource:
             for k, v in (first if i == 0 else source[i]).items():
                 self._arrays[k][i] = v
 
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> InMemorySource:
+        """A source over already stacked arrays (equal first dimensions)."""
+        if len({len(v) for v in arrays.values()}) != 1:
+            raise ValueError(f"arrays of different lengths: { {k: len(v) for k, v in arrays.items()} }")
+        source = cls.__new__(cls)
+        source._arrays = dict(arrays)
+        return source
+
     def __len__(self) -> int:
         return len(next(iter(self._arrays.values())))
 

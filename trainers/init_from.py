@@ -1,6 +1,7 @@
 """Start towers from pretrained weights: ``config.init_from.<name> = {format, path, target, skip, family}``.
 
-Each entry with a non-empty ``path`` imports a Hugging Face folder (``format="hf"``, ``models/hf_import.py``)
+Each entry with a non-empty ``path`` imports a Hugging Face folder (``format="hf"``, ``models/hf_import.py``),
+a Qwen2 / Llama folder into tunix's Qwen2 (``format="tunix"``: the search agents' policy, ``models/policy.py``)
 or the parameters of another ecomax run (``format="ecomax"``: its workdir or checkpoints folder, the newest
 verified step unless ``step``, the subtree ``source`` of them; LTRGR continues a DSI run this way) and puts
 its parameters at ``target`` (a ``/``-separated path into the model's parameters, e.g. ``query/vit``)
@@ -121,9 +122,18 @@ def apply_init_from(params: dict, param_shardings: dict, init_from: ml_collectio
         elif entry.format == "ecomax":
             weights = _checkpoint_params(entry.path, entry.get("step", 0) or None, entry.get("source", ""))
             log.warning("init_from.%s: the parameters of checkpoint %s -> %s", name, entry.path, entry.target or "/")
+        elif entry.format == "tunix":
+            from flax import nnx
+
+            from models import policy
+
+            state = policy.load_params(entry.path, policy.qwen2_config(None, policy.hf_model_config(entry.path)))
+            weights = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+            log.warning("init_from.%s: tunix Qwen2 weights of %s -> %s", name, entry.path, entry.target or "/")
         else:
             raise ValueError(f"init_from.{name}.format={entry.format!r}: 'hf' (a Hugging Face folder with "
-                             "config.json + model.safetensors) or 'ecomax' (a run's checkpoints folder)")
+                             "config.json + model.safetensors), 'ecomax' (a run's checkpoints folder) or "
+                             "'tunix' (a Qwen2 / Llama folder for tunix's Qwen2 policy)")
         current = _subtree(params, entry.target, "the model")
         placed = place(weights, current, _subtree(param_shardings, entry.target, "the shardings"),
                        f"{entry.target}/", entry.get("grow", ""))

@@ -29,7 +29,8 @@ from trainers.init_from import apply_init_from
 from trainers.mesh import batch_sharding, make_mesh, parse_rules
 from trainers.metrics_writer import MetricsWriter
 from trainers.optimizer import make_optimizer
-from trainers.state import ModelSpec, TrainState, abstract_state, init_state, model_spec, state_shardings
+from trainers.state import (ModelSpec, TrainState, abstract_state, init_state, model_spec, state_from_params,
+                            state_shardings)
 from trainers.step import UpdateContext, jit_train_step, make_rollout, make_update
 from trainers.tasks import EvalContext, Task, get_task, to_host
 
@@ -221,7 +222,9 @@ class Trainer:
         """A fresh state, born sharded (``init_from`` entries applied)."""
         state = init_state(self.task.build_model, self.config.seed, tx, shardings, self.task.init_extra)
         if any(entry.path for entry in self.config.get("init_from", {}).values()):
-            state = state.replace(params=apply_init_from(state.params, shardings.params, self.config.init_from))
+            params = apply_init_from(state.params, shardings.params, self.config.init_from)
+            # the task's state is remade from the imported weights (a GRPO reference is the start policy)
+            state = state_from_params(params, self.config.seed, tx, shardings, self.task.init_extra)
         return state
 
     def data(self):

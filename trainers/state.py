@@ -179,3 +179,11 @@ def init_state(build: Callable[[nnx.Rngs], nnx.Module], seed: int, tx: optax.Gra
         return _fresh_state(params, tx, init_extra, jax.random.fold_in(jax.random.key(seed), _EXTRA_STREAM))
 
     return jax.jit(init, out_shardings=shardings)()
+
+
+def state_from_params(params: Any, seed: int, tx: optax.GradientTransformation, shardings: TrainState,
+                      init_extra: ExtraInit = _no_extra) -> TrainState:
+    """A fresh state around given (already sharded) ``params``: the optimizer state and the task's state are
+    made from them, as ``init_state`` makes them from random ones (e.g. GRPO's reference = imported weights)."""
+    rng = jax.random.fold_in(jax.random.key(seed), _EXTRA_STREAM)
+    return jax.jit(lambda p: _fresh_state(p, tx, init_extra, rng), out_shardings=shardings)(params)

@@ -1,0 +1,168 @@
+"""Decoder-only LLM policies for the search agents: google-tunix's Qwen2 (the ``agents`` extra), with a
+KV-cached sampler that runs inside ecomax's jitted rollout and the per-token log-probs GRPO trains on.
+
+Qwen2.5 checkpoints load as they are. Llama-architecture checkpoints (SmolLM2, Llama 3 without rope
+scaling) load as a Qwen2 whose q/k/v biases are zero (``write_zero_qkv_bias``): the two architectures are
+otherwise the same (RMSNorm, SwiGLU, grouped-query attention, half-split rotary). tunix 0.1.7's own Llama3
+module is not used: its attention calls ``apply_rope`` without the config's ``rope_theta`` (always 1e6), so a
+SmolLM2 checkpoint (theta 1e5) gives logits off by up to 4.2 from transformers', 9e-5 once theta is passed.
+
+Parameters carry ecomax's logical axis names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``), so the
+config's sharding rules place them like every other model. Shapes: ``B`` rows, ``C`` context, ``G`` new tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+NEG = -1e9
+
+
+def sharding_config():
+    """tunix's per-parameter sharding names, as ecomax logical axes (activation constraints left off: the
+    rules place the parameters and ``batch``)."""
+    from tunix.models.qwen2.model import ShardingConfig
+
+    act = (None, None, None)
+    return ShardingConfig(emb_vd=("vocab", "embed"), emb_dv=("embed", "vocab"), q_weight_dnh=("embed", "heads", None),
+                          kv_weight_dnh=("embed", "kv", None), o_weight_nhd=("heads", None, "embed"),
+                          ffw_weight_df=("embed", "mlp"), ffw_weight_fd=("mlp", "embed"), rms_norm_weight=(None,),
+                          act_btd=act, act_btf=act, act_btnh=(None,) * 4, exp_weight_cdf=act, exp_weight_cfd=act,
+                          qkv_bias=(None,))
+
+
+def qwen2_config(m: Any, hf: dict | None = None):
+    """tunix ``ModelConfig`` from ``config.model`` (``layers, vocab, embed, mlp, heads, kv_heads, head_dim,
+    rope_theta, norm_eps, tied``), or from a Hugging Face ``config.json`` dict when ``hf`` is given."""
+    from tunix.models.qwen2.model import ModelConfig
+
+    if hf is not None:
+        m = {"layers": hf["num_hidden_layers"], "vocab": hf["vocab_size"], "embed": hf["hidden_size"],
+             "mlp": hf["intermediate_size"], "heads": hf["num_attention_heads"],
+             "kv_heads": hf.get("num_key_value_heads", hf["num_attention_heads"]),
+             "head_dim": hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+             "rope_theta": hf.get("rope_theta", 10_000.0), "norm_eps": hf["rms_norm_eps"],
+             "tied": hf.get("tie_word_embeddings", False)}
+    get = (lambda k: m[k]) if isinstance(m, dict) else (lambda k: getattr(m, k))
+    return ModelConfig(num_layers=get("layers"), vocab_size=get("vocab"), embed_dim=get("embed"),
+                       hidden_dim=get("mlp"), num_heads=get("heads"), head_dim=get("head_dim"),
+                       num_kv_heads=get("kv_heads"), rope_theta=int(get("rope_theta")), norm_eps=float(get("norm_eps")),
+                       use_tied_embedding=bool(get("tied")), shd_config=sharding_config())
+
+
+def build(cfg, rngs: nnx.Rngs) -> nnx.Module:
+    from tunix.models.qwen2.model import Qwen2
+
+    return Qwen2(cfg, rngs=rngs)
+
+
+def hf_model_config(folder: str | pathlib.Path) -> dict:
+    return json.loads((pathlib.Path(folder) / "config.json").read_text())
+
+
+def write_zero_qkv_bias(folder: str | pathlib.Path) -> pathlib.Path:
+    """Add ``qkv_bias.safetensors`` (zeros) to a Llama-architecture checkpoint folder so that tunix's Qwen2
+    loader reads it; transformers reads only ``model.safetensors`` and is unaffected."""
+    from safetensors.numpy import save_file
+
+    folder = pathlib.Path(folder)
+    hf = hf_model_config(folder)
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    q, kv = hf["num_attention_heads"] * head_dim, hf.get("num_key_value_heads", hf["num_attention_heads"]) * head_dim
+    zeros = {}
+    for i in range(hf["num_hidden_layers"]):
+        for name, n in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            zeros[f"model.layers.{i}.self_attn.{name}.bias"] = np.zeros(n, np.float32)
+    save_file(zeros, str(folder / "qkv_bias.safetensors"))
+    return folder
+
+
+def load_params(folder: str | pathlib.Path, cfg) -> Any:
+    """A Hugging Face Qwen2 / Llama folder's weights as an ``nnx.Param`` state tree of tunix's Qwen2."""
+    from tunix.models.qwen2 import params
+
+    folder = pathlib.Path(folder)
+    if hf_model_config(folder).get("model_type") == "llama" and not (folder / "qkv_bias.safetensors").exists():
+        write_zero_qkv_bias(folder)
+    return nnx.state(params.create_model_from_safe_tensors(str(folder), cfg), nnx.Param)
+
+
+def positions_of(valid: jax.Array) -> jax.Array:
+    """``valid [B, L]`` (left-padded rows) -> rotary positions ``[B, L]``: 0 at each row's first token."""
+    return jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
+
+
+def causal_mask(valid: jax.Array, size: int | None = None) -> jax.Array:
+    """``valid [B, L]`` -> ``[B, L, size]`` attention mask: causal, padding never attended."""
+    L = valid.shape[1]
+    mask = valid[:, None, :].astype(bool) & jnp.tril(jnp.ones((L, L), bool))[None]
+    return jnp.pad(mask, ((0, 0), (0, 0), (0, (size or L) - L)))
+
+
+def logits_of(model: nnx.Module, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+    """Teacher-forced next-token logits: ``tokens, valid [B, T]`` -> ``[B, T, V]`` (position t predicts t + 1)."""
+    return model(tokens, positions_of(valid), None, causal_mask(valid))[0]
+
+
+def picked_logprobs(logits: jax.Array, tokens: jax.Array, valid: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """``logits [B, T, V]``, ``tokens, valid [B, T]`` -> ``[B, T]``: log p(tokens[t] | tokens[<t]) under
+    ``softmax(logits / temperature)`` (0 at t = 0 and at padding)."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32) / temperature)
+    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jnp.pad(picked, ((0, 0), (1, 0))) * valid
+
+
+def token_logprobs(model: nnx.Module, tokens: jax.Array, valid: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """``picked_logprobs`` of one teacher-forced pass of ``model``."""
+    return picked_logprobs(logits_of(model, tokens, valid), tokens, valid, temperature)
+
+
+def _cache(cfg, batch: int, size: int, dtype) -> dict:
+    shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
+    return {f"layer_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                           "end_index": jnp.zeros((batch,), jnp.int32)} for i in range(cfg.num_layers)}
+
+
+def sample(model: nnx.Module, cfg, context: jax.Array, valid: jax.Array, rng: jax.Array, *, steps: int,
+           temperature: float, stop_ids: tuple[int, ...], pad_id: int, active: jax.Array | None = None
+           ) -> tuple[jax.Array, jax.Array]:
+    """Continue each left-padded ``context [B, C]`` (``valid [B, C]``) by up to ``steps`` tokens with a KV
+    cache: prefill once, then one token per step (``temperature`` 0: greedy). A row stops after emitting a
+    ``stop_ids`` token (rows not ``active [B]`` emit nothing); later slots are ``pad_id`` with log-prob 0. -> ``tokens [B, G], logp [B, G]``
+    (log-probs under ``softmax(logits / temperature)``, 0 when greedy)."""
+    B, C = context.shape
+    size = C + steps
+    cache = _cache(cfg, B, size, jnp.asarray(0.0, cfg.dtype).dtype)
+    pos = positions_of(valid)
+    logits, cache = model(context, pos, cache, causal_mask(valid, size))
+    stops = jnp.asarray(stop_ids, jnp.int32)
+    seen = jnp.pad(valid.astype(bool), ((0, 0), (0, steps)))                     # [B, size] attendable slots
+
+    def pick(logits, key):
+        logits = logits.astype(jnp.float32)
+        if temperature == 0:
+            return jnp.argmax(logits, -1), jnp.zeros(logits.shape[0])
+        logp = jax.nn.log_softmax(logits / temperature)
+        token = jax.random.categorical(key, logp)
+        return token, jnp.take_along_axis(logp, token[:, None], -1)[:, 0]
+
+    def body(carry, i):
+        logits, cache, seen, alive, last = carry
+        token, logp = pick(logits, jax.random.fold_in(rng, i))
+        token = jnp.where(alive, token, pad_id).astype(jnp.int32)
+        logp = jnp.where(alive, logp, 0.0)
+        seen = seen.at[:, C + i].set(True)
+        out, cache = model(token[:, None], (last + 1)[:, None], cache, seen[:, None, :])
+        return (out[:, -1], cache, seen, alive & ~jnp.isin(token, stops), last + 1), (token, logp)
+
+    alive = jnp.ones((B,), bool) if active is None else active.astype(bool)
+    init = (logits[:, -1], cache, seen, alive, pos[:, -1])
+    _, (tokens, logps) = jax.lax.scan(body, init, jnp.arange(steps))
+    return tokens.T, logps.T
