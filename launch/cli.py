@@ -17,6 +17,7 @@
     ecomax agents synth --out DIR [--seed S] [--entities N]
     ecomax agents corpus --passages wiki.jsonl --encoder HF_DIR|bm25 --out INDEX_DIR [--batch-size 256]
     ecomax agents search --index INDEX_DIR --query TEXT [--k 3]
+    ecomax agents import-gguf --out DIR [--gguf FILE]
 """
 
 from __future__ import annotations

@@ -119,3 +119,31 @@ def test_smollm2_gguf_converts_to_the_tensors_transformers_reads():
     assert set(ours) == set(theirs) and "lm_head.weight" not in ours          # tied embeddings
     for name in ours:
         np.testing.assert_array_equal(ours[name], np.asarray(theirs[name]), err_msg=name)
+
+
+@PARITY
+def test_smollm2_policy_logits_equal_transformers(tmp_path):
+    """SmolLM2-135M-Instruct, GGUF -> ``ecomax agents import-gguf``'s folder -> tunix's Qwen2 (zero q/k/v
+    biases): the logits of a prompt equal transformers' LlamaForCausalLM on the same folder."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from flax import nnx
+
+    from launch.agents import _import_gguf
+    from models import policy
+
+    class Args:
+        gguf, out = str(_smollm2_gguf()), str(tmp_path)
+
+    assert _import_gguf(Args) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    tokens = np.array([tok("Which company makes the Vourdre 680? <search>")["input_ids"]])
+    with torch.no_grad():
+        expected = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()(
+            torch.from_numpy(tokens)).logits.numpy()
+    cfg = policy.qwen2_config(None, policy.hf_model_config(tmp_path))
+    model = policy.build(cfg, nnx.Rngs(0))
+    nnx.update(model, policy.load_params(tmp_path, cfg))
+    got = np.asarray(policy.logits_of(model, jnp.asarray(tokens, jnp.int32), jnp.ones(tokens.shape, bool)))
+    np.testing.assert_allclose(got, expected, atol=5e-4)
+    assert (got.argmax(-1) == expected.argmax(-1)).all()

@@ -36,6 +36,7 @@ class Episode:
     logp: list[float]
     query_step: list[int]
     queries: list[str] = dataclasses.field(default_factory=list)
+    documents: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # token span of each search's
     done: bool = False
     overflow: bool = False
 
@@ -92,6 +93,7 @@ class SearchEnvironment:
             if len(e.tokens) + len(docs) > self.context:
                 e.done = e.overflow = True
                 continue
+            e.documents.append((len(e.tokens), len(e.tokens) + len(docs)))
             e.tokens += docs
             e.trainable += [False] * len(docs)
             e.logp += [0.0] * len(docs)

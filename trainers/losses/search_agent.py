@@ -44,12 +44,14 @@ def ig_token_advantages(advantages: jax.Array, query_step: jax.Array, ig: jax.Ar
     a query token of search step t gets ``A_i + alpha * phi(IG_t)``, ``phi`` zero inside the dead zone
     ``|IG| < dead_zone`` and scaled by ``negative_scale`` below it (asymmetric: a useless query is pushed down
     less than a useful one is pulled up). Even when every rollout of a group fails (``A = 0``) the queries
-    get a signal. ``advantages [b]``, ``query_step [b, T]`` (the step of each query token, -1 elsewhere),
+    get a signal. ``advantages [b]``, ``query_step [b, T]`` (the step of each query token, -1 elsewhere; a
+    step ``>= S`` is a query that was never answered and gets no IG),
     ``ig [b, S]`` -> ``[b, T]``."""
     g = jnp.where(jnp.abs(ig) < dead_zone, 0.0, ig)
     g = jnp.where(g < 0, negative_scale * g, g)
-    per_token = jnp.take_along_axis(g, jnp.maximum(query_step, 0), axis=1)
-    return advantages[:, None] + jnp.where(query_step >= 0, alpha * per_token, 0.0)
+    scored = (query_step >= 0) & (query_step < ig.shape[1])   # a query past the last scored step gets none
+    per_token = jnp.take_along_axis(g, jnp.clip(query_step, 0, ig.shape[1] - 1), axis=1)
+    return advantages[:, None] + jnp.where(scored, alpha * per_token, 0.0)
 
 
 def jensen_shannon(student_logits: jax.Array, teacher_logits: jax.Array, positions: jax.Array) -> jax.Array:

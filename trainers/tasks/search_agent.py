@@ -33,10 +33,11 @@ from data_pipelines.agents.tokenizer import PROMPT, AgentTokenizer, hf_tokenizer
 from data_pipelines.loader import InMemorySource
 from models import policy
 from trainers.losses import grpo_loss, group_advantages
-from trainers.losses.search_agent import jensen_shannon
+from trainers.losses.search_agent import (answer_score, best_gold, ig_token_advantages, information_gain,
+                                          jensen_shannon)
 from trainers.tasks import Batch, EvalContext, Task, register
 
-METHODS = ("search_r1", "sd_search")
+METHODS = ("search_r1", "sd_search", "ig_search")
 
 
 class _SearchAgentBase(Task):
@@ -158,6 +159,9 @@ class SearchAgentTask(_SearchAgentBase):
         super().__init__(config)
         if config.method not in METHODS:
             raise ValueError(f"method={config.method!r}: one of {METHODS}")
+        if config.method == "ig_search" and config.rl.updates_per_rollout != 1:
+            raise ValueError("ig_search scores the gold answer under the rollout-time policy inside the first "
+                             "update: rl.updates_per_rollout must be 1")
 
     def train_source(self):
         return InMemorySource.from_arrays(self._prompts(self.config.data.split)), None
@@ -214,7 +218,66 @@ class SearchAgentTask(_SearchAgentBase):
                "overflow": np.array([e.overflow for e in episodes], np.float32)}
         if c.method == "sd_search":
             out.update(self.hindsight_teacher(episodes, texts, f1 >= c.sd.correct_f1))
+        if c.method == "ig_search":
+            out.update(self.counterfactuals(episodes, golds, step))
         return out
+
+    def counterfactuals(self, episodes: list[Episode], golds: list, step: int) -> dict[str, np.ndarray]:
+        """IG-Search's scoring inputs, per rollout: for each search step t, the rollout up to t's documents
+        (the real context) and ``ig.counterfactuals`` copies with them swapped for documents drawn from other
+        rollouts of the batch, each followed by ``"\n<answer> "`` and a gold answer (``ig.max_golds``
+        variants), truncated from the left; steps whose documents hold under 10 characters are skipped.
+        ``ig_tokens, ig_valid, ig_answer [B, M, L]``; ``ig_index [B, M, 3]``: (step, variant, gold), -1 unused."""
+        c, tok, ig = self.config, self.tokenizer, self.config.ig
+        M = c.agent.max_turns * (1 + ig.counterfactuals) * ig.max_golds
+        L = c.agent.context + c.agent.turn_tokens + ig.answer_tokens
+        rng = np.random.default_rng([c.seed, step])
+        text = lambda ids: tok.decode(ids).replace("<documents>", "").replace("</documents>", "").strip()  # noqa: E731
+        blocks = [[e.tokens[a:b] if len(text(e.tokens[a:b])) >= 10 else None for a, b in e.documents]
+                  for e in episodes]
+        lead, B = tok.encode("\n<answer> "), len(episodes)
+        out = {"ig_tokens": np.full((B, M, L), tok.pad_id, np.int32), "ig_valid": np.zeros((B, M, L), bool),
+               "ig_answer": np.zeros((B, M, L), np.float32), "ig_index": np.full((B, M, 3), -1, np.int32)}
+        for i, e in enumerate(episodes):
+            others = [blk for j, row in enumerate(blocks) if j != i for blk in row if blk is not None]
+            m = 0
+            for t, (a, _) in enumerate(e.documents):
+                if blocks[i][t] is None or not others:
+                    continue
+                draws = rng.choice(len(others), ig.counterfactuals, replace=len(others) < ig.counterfactuals)
+                for v, docs in enumerate([blocks[i][t], *(others[k] for k in draws)]):
+                    for g, gold in enumerate(golds[i][:ig.max_golds]):
+                        answer = tok.encode(" " + gold)[:ig.answer_tokens]
+                        ids = (e.tokens[:a] + docs + lead)[-(L - len(answer)):] + answer
+                        out["ig_tokens"][i, m, :len(ids)], out["ig_valid"][i, m, :len(ids)] = ids, True
+                        out["ig_answer"][i, m, len(ids) - len(answer):len(ids)] = 1.0
+                        out["ig_index"][i, m] = t, v, g
+                        m += 1
+        return out
+
+    def information_gains(self, model: nnx.Module, batch: Batch) -> jax.Array:
+        """``IG [B, S]`` of every search step (0 where not scored) under the current policy, which in the
+        first update is the rollout-time policy pi_old: the answer score of each sequence (``answer_score``),
+        the best gold variant, real minus the counterfactuals' mean (``information_gain``)."""
+        c = self.config
+
+        def row_scores(row):
+            tokens, valid, answer = row
+            logp = policy.token_logprobs(model, tokens, valid)                      # [M, L]
+            return answer_score(logp, answer, c.ig.first_tokens, c.ig.first_weight)  # [M]
+
+        scores = jax.lax.stop_gradient(jax.lax.map(row_scores, (batch["ig_tokens"], batch["ig_valid"],
+                                                                  batch["ig_answer"])))   # [B, M]
+        index = batch["ig_index"]
+        B, S, V, G = scores.shape[0], c.agent.max_turns, 1 + c.ig.counterfactuals, c.ig.max_golds
+        flat = jnp.where(index[..., 0] >= 0, ((jnp.arange(B)[:, None] * S + index[..., 0]) * V + index[..., 1]) * G
+                         + index[..., 2], B * S * V * G)                                 # unused -> dropped
+        table = jnp.full((B * S * V * G,), -jnp.inf).at[flat.reshape(-1)].set(scores.reshape(-1), mode="drop")
+        table = table.reshape(B * S * V, G)
+        best = best_gold(table, jnp.isfinite(table)).reshape(B, S, V)
+        scored = jnp.isfinite(best[..., 0])
+        return jnp.where(scored, information_gain(jnp.where(scored, best[..., 0], 0.0),
+                                                  jnp.where(scored[..., None], best[..., 1:], 0.0)), 0.0)
 
     def hindsight_teacher(self, episodes: list[Episode], texts: list[str], correct: np.ndarray) -> dict:
         """SD-Search's teacher input: each rollout with its group's hindsight block after the prompt
@@ -247,8 +310,16 @@ class SearchAgentTask(_SearchAgentBase):
             logits = policy.logits_of(model, batch["tokens"], batch["valid"])
             logp = policy.picked_logprobs(logits, batch["tokens"], batch["valid"], temperature)
             ref = jax.lax.stop_gradient(policy.token_logprobs(reference, batch["tokens"], batch["valid"], temperature))
-            value, metrics = grpo_loss(logp, batch["old_logp"], ref, batch["advantage"], batch["mask"],
+            advantage, extra = batch["advantage"], {}
+            if c.method == "ig_search":
+                ig = self.information_gains(model, batch)
+                advantage = ig_token_advantages(advantage, batch["query_step"], ig, alpha=c.ig.alpha,
+                                                dead_zone=c.ig.dead_zone, negative_scale=c.ig.negative_scale)
+                steps = jnp.maximum(jnp.sum(ig != 0), 1)
+                extra = {"ig_mean": jnp.sum(ig) / steps, "ig_positive": jnp.sum(ig > 0) / steps}
+            value, metrics = grpo_loss(logp, batch["old_logp"], ref, advantage, batch["mask"],
                                        clip=c.rl.clip, kl=c.rl.kl)
+            metrics = {**metrics, **extra}
             if c.method == "sd_search":
                 t_logits = policy.logits_of(model, batch["teacher_tokens"], batch["teacher_valid"])
                 pick = lambda x, pos: jnp.take_along_axis(x, pos[..., None], axis=1)  # noqa: E731

@@ -1,0 +1,97 @@
+"""Search agents on the synthetic multi-hop world: the warm-started policy, then Search-R1's GRPO and
+SD-Search from it, at equal steps and seeds.
+
+    python benchmarks/search_agent.py [--entities 200] [--sft-steps 300] [--rl-steps 50] [--rl-batch 4]
+                                      [--seeds 0,1,2] [--methods tiny,sd_tiny,ig_tiny] [--out runs/bench_agent] [--json rows.json]
+
+One world (``ecomax agents synth``, seed 0) and its BM25 index; one supervised warm start
+(``configs/search_agent.py:sft_tiny``); then each method for ``--rl-steps`` GRPO steps per seed from that
+warm start. Every row is the greedy policy on the test questions: EM, F1, searches per question and the
+fraction of well-formed rollouts, with the mean train step time (the SD-Search overhead is their ratio,
+measured in the same run). Mean and spread over seeds; machine and load printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+NAMES = {"tiny": "Search-R1 (GRPO)", "sd_tiny": "SD-Search (GRPO + hindsight JSD)",
+         "ig_tiny": "IG-Search (GRPO + information-gain advantages)"}
+SHOWN = ("em", "f1", "searches", "format")
+
+
+def _config(spec: str, world: pathlib.Path, *overrides: str):
+    from launch.config import load_config
+
+    return load_config(f"{REPO / 'configs/search_agent.py'}:{spec}",
+                       (f"data.world={world / 'world'}", f"data.index={world / 'index'}", *overrides))
+
+
+def _step_time(workdir: pathlib.Path) -> float:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    times = [r["step_time"] for r in rows if "step_time" in r][2:]   # past the compiling steps
+    return sum(times) / max(len(times), 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--entities", type=int, default=200)
+    p.add_argument("--questions", type=int, default=200)
+    p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--rl-steps", type=int, default=50)
+    p.add_argument("--rl-batch", type=int, default=4, help="questions per GRPO step (x agent.group rollouts)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default="tiny,sd_tiny,ig_tiny")
+    p.add_argument("--eval-questions", type=int, default=100, help="test questions evaluated (0: all)")
+    p.add_argument("--out", default="runs/bench_agent")
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+
+    from data_pipelines.agents.synthetic import write_world
+    from trainers.evaluators.passage_retriever import build_passage_index
+    from trainers.loop import train
+
+    out = pathlib.Path(args.out)
+    summary = write_world(out / "world", seed=0, entities=args.entities, questions=args.questions)
+    build_passage_index(out / "world" / "corpus.jsonl", out / "index", "bm25", progress=False)
+    print(f"# machine: {platform.machine()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; world "
+          f"{summary['entities']} entities, questions {summary['questions']}", flush=True)
+    evals = f"eval.questions={args.eval_questions}"
+    t0 = time.time()
+    sft = train(_config("sft_tiny", out, f"train.steps={args.sft_steps}", "train.eval_every=0", evals), out / "sft")
+    rows = [{"method": "warm start (SFT on oracle rollouts)", "seed": 0, **sft.eval_metrics,
+             "step_s": _step_time(out / "sft"), "wall_s": time.time() - t0}]
+    print(json.dumps(rows[-1]), flush=True)
+    for method in args.methods.split(","):
+        for seed in map(int, args.seeds.split(",")):
+            t0 = time.time()
+            workdir = out / f"{method}_seed{seed}"
+            r = train(_config(method, out, f"seed={seed}", f"train.steps={args.rl_steps}", evals,
+                              f"train.batch_size={args.rl_batch}", "train.log_every=5",
+                              f"init_from.policy.path={out / 'sft'}"), workdir)
+            rows.append({"method": NAMES[method], "seed": seed, **r.eval_metrics, "step_s": _step_time(workdir),
+                         "wall_s": time.time() - t0})
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\n| method | seeds | {' | '.join(SHOWN)} | train step (s) |\n|---|---|{'---|' * len(SHOWN)}---|")
+    import numpy as np
+
+    for name in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == name]
+        cells = [f"{np.mean([r[k] for r in mine]):.3f} ± {np.std([r[k] for r in mine]):.3f}" for k in SHOWN]
+        print(f"| {name} | {len(mine)} | {' | '.join(cells)} | {np.mean([r['step_s'] for r in mine]):.2f} |")
+    print(f"# load at the end {os.getloadavg()[0]:.2f}")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
