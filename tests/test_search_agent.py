@@ -58,6 +58,67 @@ def test_environment_inserts_documents_masks_them_and_ends_rollouts():
         env.layout(eps, 8)
 
 
+def _episodes(tok, *, max_turns: int = 1):
+    """Two rollouts that each search once and get different documents."""
+    docs = {"zorvik": "Zorvik is headquartered in Lunaro .", "lunaro": "Lunaro is a city in Velmoria ."}
+    env = SearchEnvironment(tok, lambda qs: [[{"title": q, "text": docs[q]}] for q in qs], k=1, max_turns=max_turns,
+                            context=64, doc_tokens=12)
+    eps = env.start([tok.encode("where is zorvik ?")] * 2)
+    rows = [tok.encode("<search> zorvik </search>"), tok.encode("<search> lunaro </search>")]
+    env.absorb(eps, np.array(rows), np.zeros((2, 3)), last=False)
+    return env, eps
+
+
+def test_ig_search_swaps_documents_and_scores_the_gain(monkeypatch):
+    """IG-Search's counterfactuals: step t's own documents vs ones drawn from another rollout, the gold
+    answer appended; the gain is the real answer score minus the counterfactuals' mean (Eq. of IG_t)."""
+    from models import policy
+    from trainers.tasks.search_agent import SearchAgentTask
+
+    tok = word_tokenizer(TEXTS + ["where velmoria"])
+    task = SearchAgentTask(load_test_config("configs/search_agent.py:ig_tiny", "agent.context=64",
+                                            "agent.turn_tokens=8", "agent.max_turns=1"))
+    task.__dict__["tokenizer"] = tok
+    _, eps = _episodes(tok)
+    out = task.counterfactuals(eps, [("Lunaro",), ("Velmoria",)], step=0)
+    assert out["ig_tokens"].shape[:2] == (2, 4)                     # 1 step x (real + 3 swaps) x 1 gold
+    np.testing.assert_array_equal(out["ig_index"][0], [[0, 0, 0], [0, 1, 0], [0, 2, 0], [0, 3, 0]])
+    own, other = tok.encode("headquartered")[0], tok.encode("city")[0]
+    for i, (mine, theirs) in enumerate(((own, other), (other, own))):
+        seqs = [out["ig_tokens"][i, m][out["ig_valid"][i, m]] for m in range(4)]
+        assert mine in seqs[0] and theirs not in seqs[0]            # the real context
+        assert all(theirs in s and mine not in s for s in seqs[1:])  # the other rollout's documents
+        answer = out["ig_tokens"][i, 0][out["ig_answer"][i, 0] > 0]
+        assert tok.decode(answer) == ("lunaro" if i == 0 else "velmoria")
+
+    def fake_logprobs(model, tokens, valid, temperature=1.0):  # -1 per token beside row 0's documents, else -3
+        return jnp.where(jnp.any(tokens == own, -1, keepdims=True), -1.0, -3.0) * valid
+
+    monkeypatch.setattr(policy, "token_logprobs", fake_logprobs)
+    ig = task.information_gains(None, {k: jnp.asarray(v) for k, v in out.items()})
+    np.testing.assert_allclose(np.asarray(ig), [[2.0], [-2.0]])      # -1 - (-3), -3 - (-1)
+
+
+def test_sd_search_teacher_sees_the_hindsight_block_and_aligns_query_positions():
+    from trainers.tasks.search_agent import SearchAgentTask
+
+    tok = word_tokenizer(TEXTS)
+    task = SearchAgentTask(load_test_config("configs/search_agent.py:sd_tiny", "agent.context=64",
+                                            "agent.turn_tokens=8", "agent.group=2"))
+    task.__dict__["tokenizer"] = tok
+    _, eps = _episodes(tok)
+    texts = [e.policy_text(tok) for e in eps]
+    out = task.hindsight_teacher(eps, texts, np.array([True, False]))
+    teacher = tok.decode(out["teacher_tokens"][0][out["teacher_valid"][0]])
+    assert "<hindsight>" in teacher and "attempt 1 [ correct ]: <search> zorvik </search>" in teacher
+    assert "attempt 2 [ incorrect ]: <search> lunaro </search>" in teacher
+    for i, e in enumerate(eps):   # each student query token's predicting position maps to the teacher's
+        n = int(out["sd_positions"][i].sum())
+        assert n == 1
+        s, t = out["sd_student_pos"][i, 0], out["sd_teacher_pos"][i, 0]
+        assert e.tokens[s + 1] == out["teacher_tokens"][i, t + 1] == e.tokens[e.prompt + 1]
+
+
 def _tiny_policy(tied: bool):
     from flax import nnx
 
@@ -77,18 +138,21 @@ def test_kv_cached_sampler_matches_the_teacher_forced_policy():
     tokens, logp = jax.jit(lambda c, v, r: policy.sample(model, cfg, c, v, r, steps=6, temperature=1.0,
                                                           stop_ids=(2,), pad_id=0))(context, valid, jax.random.key(1))
     full = jnp.concatenate([context, tokens], 1)
-    recomputed = policy.token_logprobs(model, full, jnp.concatenate([valid, tokens != 0], 1))[:, 5:]
+    recomputed = jax.jit(policy.token_logprobs, static_argnums=0)(model, full, jnp.concatenate([valid, tokens != 0],
+                                                                                                 1))[:, 5:]
     np.testing.assert_allclose(np.asarray(recomputed), np.asarray(logp), atol=1e-5)
     stopped = np.asarray(tokens) == 2
     for row in range(2):  # after a stop token only padding, with log-prob 0
         if stopped[row].any():
             after = np.argmax(stopped[row]) + 1
             assert (np.asarray(tokens)[row, after:] == 0).all() and (np.asarray(logp)[row, after:] == 0).all()
-    greedy, _ = policy.sample(model, cfg, context, valid, jax.random.key(0), steps=3, temperature=0, stop_ids=(),
-                              pad_id=0, active=jnp.array([True, False]))
+    greedy, _ = jax.jit(lambda c, v: policy.sample(model, cfg, c, v, jax.random.key(0), steps=3, temperature=0,
+                                                    stop_ids=(), pad_id=0, active=jnp.array([True, False])))(
+        context, valid)
     cur, cur_valid = jnp.asarray(context[:1]), jnp.asarray(valid[:1])
+    last = jax.jit(lambda t, v: jnp.argmax(policy.logits_of(model, t, v)[:, -1], -1)[:, None])
     for _ in range(3):  # the same tokens by re-running the whole prefix each step
-        nxt = jnp.argmax(policy.logits_of(model, cur, cur_valid)[:, -1], -1)[:, None]
+        nxt = last(cur, cur_valid)
         cur, cur_valid = jnp.concatenate([cur, nxt], 1), jnp.concatenate([cur_valid, jnp.ones_like(nxt, bool)], 1)
     np.testing.assert_array_equal(np.asarray(greedy[0]), np.asarray(cur[0, 5:]))
     assert (np.asarray(greedy[1]) == 0).all()                                       # an inactive row writes nothing
@@ -136,23 +200,28 @@ def _config(spec: str, world, *overrides: str):
                             "agent.max_turns=2", "eval.questions=4", *overrides)
 
 
-def test_sft_warm_start_then_sd_search_grpo_steps(world, tmp_path):
-    from trainers.loop import train
+def _train(config, workdir):
+    from trainers.loop import Trainer
 
-    sft = train(_config("sft_tiny", world, "train.steps=60", "train.batch_size=8", "train.log_every=10", "optimizer.learning_rate=1e-2", "train.eval_every=0"),
+    return Trainer.create(config, workdir, devices=jax.devices()[:1]).run()  # one device: tiny shapes, 2 cores
+
+
+def test_sft_warm_start_then_sd_search_grpo_steps(world, tmp_path):
+    sft = _train(_config("sft_tiny", world, "train.steps=60", "train.batch_size=8", "train.log_every=10", "optimizer.learning_rate=1e-2", "train.eval_every=0"),
                 tmp_path / "sft")
     losses = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in losses if "loss" in r]
     assert losses[-1] < 0.5 * losses[0]
     assert sft.eval_metrics["format"] > 0       # the warm-started policy writes tagged rollouts
-    rl = _config("sd_tiny", world, "train.steps=2", "train.batch_size=8", "agent.group=2", "train.checkpoint_every=2", f"init_from.policy.path={tmp_path / 'sft'}")
-    train(rl, tmp_path / "rl")
-    steps = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
-    first = steps[0]
-    # the update's log-probs equal the sampler's (ratio 1: nothing clipped) and the reference is the start policy
-    assert first["clip_fraction"] == 0 and first["kl"] < 1e-6
-    assert first["searches"] > 0 and np.isfinite(first["jsd"]) and first["jsd"] >= 0
-    assert first["reward"] >= first["em"] and 0 <= first["format"] <= 1
+    for method, key in (("sd_tiny", "jsd"), ("ig_tiny", "ig_mean")):
+        _train(_config(method, world, "train.steps=2", "train.stop_after=1",  # stopped: no final evaluation
+                       "train.batch_size=8", "agent.group=2",
+                      f"init_from.policy.path={tmp_path / 'sft'}"), tmp_path / method)
+        first = json.loads((tmp_path / method / "metrics.jsonl").read_text().splitlines()[0])
+        # the update's log-probs equal the sampler's (ratio 1: nothing clipped); the reference is the start policy
+        assert first["clip_fraction"] == 0 and first["kl"] < 1e-6, method
+        assert first["searches"] > 0 and np.isfinite(first[key]) and first[key] != 0, method
+        assert first["reward"] >= first["em"] and 0 <= first["format"] <= 1
 
 
 def test_qwen3b_search_r1_rollout_lowers_on_cpu(tmp_path):

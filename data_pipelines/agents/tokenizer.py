@@ -16,7 +16,7 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Iterable
 
-from data_pipelines.agents.rollout import TAGS
+from data_pipelines.agents.rollout import TAGS, hindsight_block
 
 PAD, UNK = "[PAD]", "[UNK]"
 TAG_TOKENS = tuple(t for tag in (*TAGS, "hindsight") for t in (f"<{tag}>", f"</{tag}>"))
@@ -67,6 +67,7 @@ def word_tokenizer(texts: Iterable[str]) -> AgentTokenizer:
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
     trainer = trainers.WordLevelTrainer(special_tokens=[PAD, UNK, *TAG_TOKENS], min_frequency=1)
     template = [DOCUMENT.format(i=i, title="", text="") for i in range(1, 11)] + [PROMPT]
+    template.append(hindsight_block(["<search> q </search>", ""], [True, False]))  # SD-Search's teacher block
     tok.train_from_iterator([*template, *texts], trainer)
     tok.add_special_tokens(list(TAG_TOKENS))
     return AgentTokenizer(tok)

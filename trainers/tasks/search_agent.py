@@ -275,9 +275,9 @@ class SearchAgentTask(_SearchAgentBase):
         table = jnp.full((B * S * V * G,), -jnp.inf).at[flat.reshape(-1)].set(scores.reshape(-1), mode="drop")
         table = table.reshape(B * S * V, G)
         best = best_gold(table, jnp.isfinite(table)).reshape(B, S, V)
-        scored = jnp.isfinite(best[..., 0])
-        return jnp.where(scored, information_gain(jnp.where(scored, best[..., 0], 0.0),
-                                                  jnp.where(scored[..., None], best[..., 1:], 0.0)), 0.0)
+        scored = jnp.isfinite(best[..., 0])                                             # [B, S]
+        best = jnp.where(scored[..., None], best, 0.0).reshape(B * S, V)
+        return jnp.where(scored, information_gain(best[:, 0], best[:, 1:]).reshape(B, S), 0.0)
 
     def hindsight_teacher(self, episodes: list[Episode], texts: list[str], correct: np.ndarray) -> dict:
         """SD-Search's teacher input: each rollout with its group's hindsight block after the prompt
