@@ -38,7 +38,7 @@ demo: $(STAMP)
 
 test: $(STAMP) $(BEAM_STAMP)
 	PYTHONPATH=$(BEAM) $(PY) -m pytest -q -p no:cacheprovider tests/test_data_beam.py
-	$(PY) -m pytest -q -p no:cacheprovider -n $(WORKERS) --dist loadgroup --ignore=tests/test_data_beam.py tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(WORKERS) --dist loadgroup --durations=30 --ignore=tests/test_data_beam.py tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/loop_overhead.py

@@ -38,9 +38,10 @@ def sharding_config():
                           qkv_bias=(None,))
 
 
-def qwen2_config(m: Any, hf: dict | None = None):
+def qwen2_config(m: Any, hf: dict | None = None, dtype: str = "float32"):
     """tunix ``ModelConfig`` from ``config.model`` (``layers, vocab, embed, mlp, heads, kv_heads, head_dim,
-    rope_theta, norm_eps, tied``), or from a Hugging Face ``config.json`` dict when ``hf`` is given."""
+    rope_theta, norm_eps, tied``), or from a Hugging Face ``config.json`` dict when ``hf`` is given;
+    ``dtype``: activations and KV cache (parameters stay float32)."""
     from tunix.models.qwen2.model import ModelConfig
 
     if hf is not None:
@@ -54,7 +55,8 @@ def qwen2_config(m: Any, hf: dict | None = None):
     return ModelConfig(num_layers=get("layers"), vocab_size=get("vocab"), embed_dim=get("embed"),
                        hidden_dim=get("mlp"), num_heads=get("heads"), head_dim=get("head_dim"),
                        num_kv_heads=get("kv_heads"), rope_theta=int(get("rope_theta")), norm_eps=float(get("norm_eps")),
-                       use_tied_embedding=bool(get("tied")), shd_config=sharding_config())
+                       use_tied_embedding=bool(get("tied")), shd_config=sharding_config(), dtype=jnp.dtype(dtype),
+                       param_dtype=jnp.float32)
 
 
 def build(cfg, rngs: nnx.Rngs) -> nnx.Module:

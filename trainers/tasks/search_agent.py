@@ -103,9 +103,10 @@ class _SearchAgentBase(Task):
     @functools.cached_property
     def policy_config(self):
         m = self.config.model
+        dtype = self.config.train.compute_dtype
         if m.hf_dir:
-            return policy.qwen2_config(None, policy.hf_model_config(m.hf_dir))
-        return policy.qwen2_config({**m.to_dict(), "vocab": m.vocab or self.tokenizer.vocab_size})
+            return policy.qwen2_config(None, policy.hf_model_config(m.hf_dir), dtype)
+        return policy.qwen2_config({**m.to_dict(), "vocab": m.vocab or self.tokenizer.vocab_size}, dtype=dtype)
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         return policy.build(self.policy_config, rngs)
