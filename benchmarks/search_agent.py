@@ -1,14 +1,15 @@
-"""Search agents on the synthetic multi-hop world: the warm-started policy, then Search-R1's GRPO and
-SD-Search from it, at equal steps and seeds.
+"""Search agents on the synthetic multi-hop world: the warm-started policy, then Search-R1's GRPO,
+SD-Search and IG-Search from it, at equal steps and seeds.
 
     python benchmarks/search_agent.py [--entities 200] [--sft-steps 300] [--rl-steps 50] [--rl-batch 4]
-                                      [--seeds 0,1,2] [--methods tiny,sd_tiny,ig_tiny] [--out runs/bench_agent] [--json rows.json]
+                                      [--seeds 0,1,2] [--methods tiny,sd_tiny,ig_tiny] [--out runs/bench_agent]
+                                      [--json rows.json]
 
 One world (``ecomax agents synth``, seed 0) and its BM25 index; one supervised warm start
 (``configs/search_agent.py:sft_tiny``); then each method for ``--rl-steps`` GRPO steps per seed from that
 warm start. Every row is the greedy policy on the test questions: EM, F1, searches per question and the
 fraction of well-formed rollouts, with the mean train step time (the SD-Search overhead is their ratio,
-measured in the same run). Mean and spread over seeds; machine and load printed.
+measured in the same run; so is IG-Search's). Mean and spread over seeds; machine and load printed.
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ def _step_time(workdir: pathlib.Path) -> float:
     return sum(times) / max(len(times), 1)
 
 
+def _run(train, config, workdir: pathlib.Path):
+    """``train``, stopping the whole benchmark when a run is interrupted (SIGTERM / SIGINT save and stop it)."""
+    result = train(config, workdir)
+    if result.status == "interrupted":
+        sys.exit(f"interrupted in {workdir} at step {result.step}")
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--entities", type=int, default=200)
@@ -67,7 +76,8 @@ def main() -> None:
           f"{summary['entities']} entities, questions {summary['questions']}", flush=True)
     evals = f"eval.questions={args.eval_questions}"
     t0 = time.time()
-    sft = train(_config("sft_tiny", out, f"train.steps={args.sft_steps}", "train.eval_every=0", evals), out / "sft")
+    sft = _run(train, _config("sft_tiny", out, f"train.steps={args.sft_steps}", "train.eval_every=0", evals),
+               out / "sft")
     rows = [{"method": "warm start (SFT on oracle rollouts)", "seed": 0, **sft.eval_metrics,
              "step_s": _step_time(out / "sft"), "wall_s": time.time() - t0}]
     print(json.dumps(rows[-1]), flush=True)
@@ -75,9 +85,9 @@ def main() -> None:
         for seed in map(int, args.seeds.split(",")):
             t0 = time.time()
             workdir = out / f"{method}_seed{seed}"
-            r = train(_config(method, out, f"seed={seed}", f"train.steps={args.rl_steps}", evals,
-                              f"train.batch_size={args.rl_batch}", "train.log_every=5",
-                              f"init_from.policy.path={out / 'sft'}"), workdir)
+            r = _run(train, _config(method, out, f"seed={seed}", f"train.steps={args.rl_steps}", evals,
+                                    f"train.batch_size={args.rl_batch}", "train.log_every=5",
+                                    f"init_from.policy.path={out / 'sft'}"), workdir)
             rows.append({"method": NAMES[method], "seed": seed, **r.eval_metrics, "step_s": _step_time(workdir),
                          "wall_s": time.time() - t0})
             print(json.dumps(rows[-1]), flush=True)

@@ -137,7 +137,8 @@ def sample(model: nnx.Module, cfg, context: jax.Array, valid: jax.Array, rng: ja
            ) -> tuple[jax.Array, jax.Array]:
     """Continue each left-padded ``context [B, C]`` (``valid [B, C]``) by up to ``steps`` tokens with a KV
     cache: prefill once, then one token per step (``temperature`` 0: greedy). A row stops after emitting a
-    ``stop_ids`` token (rows not ``active [B]`` emit nothing); later slots are ``pad_id`` with log-prob 0. -> ``tokens [B, G], logp [B, G]``
+    ``stop_ids`` token (rows not ``active [B]`` emit nothing); later slots are ``pad_id`` with log-prob 0.
+    -> ``tokens [B, G], logp [B, G]``
     (log-probs under ``softmax(logits / temperature)``, 0 when greedy)."""
     B, C = context.shape
     size = C + steps

@@ -206,8 +206,9 @@ def _train(config, workdir):
     return Trainer.create(config, workdir, devices=jax.devices()[:1]).run()  # one device: tiny shapes, 2 cores
 
 
-def test_sft_warm_start_then_sd_search_grpo_steps(world, tmp_path):
-    sft = _train(_config("sft_tiny", world, "train.steps=60", "train.batch_size=8", "train.log_every=10", "optimizer.learning_rate=1e-2", "train.eval_every=0"),
+def test_sft_warm_start_then_sd_and_ig_search_grpo_steps(world, tmp_path):
+    sft = _train(_config("sft_tiny", world, "train.steps=60", "train.batch_size=8", "train.log_every=10",
+                         "optimizer.learning_rate=1e-2", "train.eval_every=0"),
                 tmp_path / "sft")
     losses = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in losses if "loss" in r]

@@ -38,6 +38,23 @@ def information_gain(real: jax.Array, counterfactual: jax.Array) -> jax.Array:
     return real - jnp.mean(counterfactual, axis=1)
 
 
+def step_gains(scores: jax.Array, index: jax.Array, *, steps: int, variants: int, golds: int) -> jax.Array:
+    """IG-Search's ``IG_t`` of every search step from the answer scores of its sequences: ``scores [b, M]``
+    with ``index [b, M, 3]`` = (step, variant, gold) of each (-1: unused; variant 0 is the real context, the
+    others counterfactuals) -> the best gold per variant (``best_gold``), ``information_gain`` -> ``[b, steps]``
+    (0 for a step with no sequences)."""
+    b = scores.shape[0]
+    size = b * steps * variants * golds
+    flat = ((jnp.arange(b)[:, None] * steps + index[..., 0]) * variants + index[..., 1]) * golds + index[..., 2]
+    flat = jnp.where(index[..., 0] >= 0, flat, size)                                   # unused -> dropped
+    table = jnp.full((size,), -jnp.inf).at[flat.reshape(-1)].set(scores.reshape(-1), mode="drop")
+    table = table.reshape(b * steps * variants, golds)
+    best = best_gold(table, jnp.isfinite(table)).reshape(b, steps, variants)
+    scored = jnp.isfinite(best[..., 0])                                                 # [b, steps]
+    best = jnp.where(scored[..., None], best, 0.0).reshape(b * steps, variants)
+    return jnp.where(scored, information_gain(best[:, 0], best[:, 1:]).reshape(b, steps), 0.0)
+
+
 def ig_token_advantages(advantages: jax.Array, query_step: jax.Array, ig: jax.Array, *, alpha: float,
                         dead_zone: float = 0.0, negative_scale: float = 1.0) -> jax.Array:
     """IG-Search's per-token advantage modulation: every token keeps its sequence's GRPO advantage ``A_i``;

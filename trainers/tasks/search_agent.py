@@ -28,13 +28,13 @@ from flax import nnx
 from data_pipelines.agents import metrics as qa_metrics
 from data_pipelines.agents.environment import Episode, SearchEnvironment
 from data_pipelines.agents.qa import read_qa
-from data_pipelines.agents.rollout import final_answer, format_reward, hindsight_block
+from data_pipelines.agents.rollout import final_answer, format_reward
+from data_pipelines.agents.teachers import counterfactual_inputs, hindsight_inputs
 from data_pipelines.agents.tokenizer import PROMPT, AgentTokenizer, hf_tokenizer, word_tokenizer
 from data_pipelines.loader import InMemorySource
 from models import policy
 from trainers.losses import grpo_loss, group_advantages
-from trainers.losses.search_agent import (answer_score, best_gold, ig_token_advantages, information_gain,
-                                          jensen_shannon)
+from trainers.losses.search_agent import answer_score, ig_token_advantages, jensen_shannon, step_gains
 from trainers.tasks import Batch, EvalContext, Task, register
 
 METHODS = ("search_r1", "sd_search", "ig_search")
@@ -224,83 +224,33 @@ class SearchAgentTask(_SearchAgentBase):
         return out
 
     def counterfactuals(self, episodes: list[Episode], golds: list, step: int) -> dict[str, np.ndarray]:
-        """IG-Search's scoring inputs, per rollout: for each search step t, the rollout up to t's documents
-        (the real context) and ``ig.counterfactuals`` copies with them swapped for documents drawn from other
-        rollouts of the batch, each followed by ``"\n<answer> "`` and a gold answer (``ig.max_golds``
-        variants), truncated from the left; steps whose documents hold under 10 characters are skipped.
-        ``ig_tokens, ig_valid, ig_answer [B, M, L]``; ``ig_index [B, M, 3]``: (step, variant, gold), -1 unused."""
-        c, tok, ig = self.config, self.tokenizer, self.config.ig
-        M = c.agent.max_turns * (1 + ig.counterfactuals) * ig.max_golds
-        L = c.agent.context + c.agent.turn_tokens + ig.answer_tokens
-        rng = np.random.default_rng([c.seed, step])
-        text = lambda ids: tok.decode(ids).replace("<documents>", "").replace("</documents>", "").strip()  # noqa: E731
-        blocks = [[e.tokens[a:b] if len(text(e.tokens[a:b])) >= 10 else None for a, b in e.documents]
-                  for e in episodes]
-        lead, B = tok.encode("\n<answer> "), len(episodes)
-        out = {"ig_tokens": np.full((B, M, L), tok.pad_id, np.int32), "ig_valid": np.zeros((B, M, L), bool),
-               "ig_answer": np.zeros((B, M, L), np.float32), "ig_index": np.full((B, M, 3), -1, np.int32)}
-        for i, e in enumerate(episodes):
-            others = [blk for j, row in enumerate(blocks) if j != i for blk in row if blk is not None]
-            m = 0
-            for t, (a, _) in enumerate(e.documents):
-                if blocks[i][t] is None or not others:
-                    continue
-                draws = rng.choice(len(others), ig.counterfactuals, replace=len(others) < ig.counterfactuals)
-                for v, docs in enumerate([blocks[i][t], *(others[k] for k in draws)]):
-                    for g, gold in enumerate(golds[i][:ig.max_golds]):
-                        answer = tok.encode(" " + gold)[:ig.answer_tokens]
-                        ids = (e.tokens[:a] + docs + lead)[-(L - len(answer)):] + answer
-                        out["ig_tokens"][i, m, :len(ids)], out["ig_valid"][i, m, :len(ids)] = ids, True
-                        out["ig_answer"][i, m, len(ids) - len(answer):len(ids)] = 1.0
-                        out["ig_index"][i, m] = t, v, g
-                        m += 1
-        return out
+        """IG-Search's scoring inputs (``teachers.counterfactual_inputs``), drawn with a (seed, step) rng."""
+        c = self.config
+        return counterfactual_inputs(episodes, golds, self.tokenizer, np.random.default_rng([c.seed, step]),
+                                     steps=c.agent.max_turns, counterfactuals=c.ig.counterfactuals,
+                                     max_golds=c.ig.max_golds, answer_tokens=c.ig.answer_tokens,
+                                     length=c.agent.context + c.agent.turn_tokens + c.ig.answer_tokens)
 
     def information_gains(self, model: nnx.Module, batch: Batch) -> jax.Array:
-        """``IG [B, S]`` of every search step (0 where not scored) under the current policy, which in the
-        first update is the rollout-time policy pi_old: the answer score of each sequence (``answer_score``),
-        the best gold variant, real minus the counterfactuals' mean (``information_gain``)."""
-        c = self.config
+        """``IG [B, S]`` under the current policy, which in the first update is the rollout-time pi_old: each
+        sequence's ``answer_score``, then ``step_gains``."""
+        ig = self.config.ig
 
         def row_scores(row):
             tokens, valid, answer = row
             logp = policy.token_logprobs(model, tokens, valid)                      # [M, L]
-            return answer_score(logp, answer, c.ig.first_tokens, c.ig.first_weight)  # [M]
+            return answer_score(logp, answer, ig.first_tokens, ig.first_weight)    # [M]
 
-        scores = jax.lax.stop_gradient(jax.lax.map(row_scores, (batch["ig_tokens"], batch["ig_valid"],
-                                                                  batch["ig_answer"])))   # [B, M]
-        index = batch["ig_index"]
-        B, S, V, G = scores.shape[0], c.agent.max_turns, 1 + c.ig.counterfactuals, c.ig.max_golds
-        flat = jnp.where(index[..., 0] >= 0, ((jnp.arange(B)[:, None] * S + index[..., 0]) * V + index[..., 1]) * G
-                         + index[..., 2], B * S * V * G)                                 # unused -> dropped
-        table = jnp.full((B * S * V * G,), -jnp.inf).at[flat.reshape(-1)].set(scores.reshape(-1), mode="drop")
-        table = table.reshape(B * S * V, G)
-        best = best_gold(table, jnp.isfinite(table)).reshape(B, S, V)
-        scored = jnp.isfinite(best[..., 0])                                             # [B, S]
-        best = jnp.where(scored[..., None], best, 0.0).reshape(B * S, V)
-        return jnp.where(scored, information_gain(best[:, 0], best[:, 1:]).reshape(B, S), 0.0)
+        scores = jax.lax.map(row_scores, (batch["ig_tokens"], batch["ig_valid"], batch["ig_answer"]))
+        return step_gains(jax.lax.stop_gradient(scores), batch["ig_index"], steps=self.config.agent.max_turns,
+                          variants=1 + ig.counterfactuals, golds=ig.max_golds)
 
     def hindsight_teacher(self, episodes: list[Episode], texts: list[str], correct: np.ndarray) -> dict:
-        """SD-Search's teacher input: each rollout with its group's hindsight block after the prompt
-        (``rollout.hindsight_block``: the group's queries, CORRECT / INCORRECT), and, for each of the student's
-        search-query tokens (at most ``sd.max_positions``), the student's and the teacher's predicting position."""
-        c, tok = self.config, self.tokenizer
-        g, Q, H = c.agent.group, c.sd.max_positions, c.sd.hindsight_tokens
-        T = c.agent.context + c.agent.turn_tokens
-        teacher, t_valid = np.full((len(episodes), T + H), tok.pad_id, np.int32), np.zeros((len(episodes), T + H), bool)
-        student_pos, teacher_pos = np.zeros((len(episodes), Q), np.int32), np.zeros((len(episodes), Q), np.int32)
-        positions = np.zeros((len(episodes), Q), bool)
-        for i, e in enumerate(episodes):
-            start = i - i % g
-            block = tok.encode(hindsight_block(texts[start:start + g], correct[start:start + g]) + "\n")[:H]
-            ids = e.tokens[:e.prompt] + block + e.tokens[e.prompt:]
-            teacher[i, :len(ids)], t_valid[i, :len(ids)] = ids, True
-            query = [t for t, s in enumerate(e.query_step) if s >= 0][:Q]   # tokens t > prompt: predicted at t - 1
-            student_pos[i, :len(query)] = [t - 1 for t in query]
-            teacher_pos[i, :len(query)] = [t - 1 + len(block) for t in query]
-            positions[i, :len(query)] = True
-        return {"teacher_tokens": teacher, "teacher_valid": t_valid, "sd_student_pos": student_pos,
-                "sd_teacher_pos": teacher_pos, "sd_positions": positions}
+        """SD-Search's teacher input (``teachers.hindsight_inputs``)."""
+        c = self.config
+        return hindsight_inputs(episodes, texts, correct, self.tokenizer, group=c.agent.group,
+                                length=c.agent.context + c.agent.turn_tokens, max_positions=c.sd.max_positions,
+                                hindsight_tokens=c.sd.hindsight_tokens)
 
     def update(self, ctx, state, batch: Batch, rng: jax.Array):
         c = self.config
