@@ -158,20 +158,28 @@ def test_kv_cached_sampler_matches_the_teacher_forced_policy():
     assert (np.asarray(greedy[1]) == 0).all()                                       # an inactive row writes nothing
 
 
-def test_a_hugging_face_llama_loads_into_tunix_qwen2_with_equal_logits(tmp_path):
-    """A Llama checkpoint (tied, grouped-query, rope base 1e5 as SmolLM2) through ``init_from`` format
-    ``tunix``'s loader gives transformers' logits."""
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_hugging_face_llama_and_qwen2_load_into_tunix_qwen2_with_equal_logits(tmp_path, arch):
+    """A Llama checkpoint (tied, grouped-query, rope base 1e5 as SmolLM2; zero q/k/v biases added) and a Qwen2
+    one (q/k/v biases, as Qwen2.5) through ``init_from`` format ``tunix``'s loader give transformers' logits."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from flax import nnx
 
     from models import policy
 
-    hf = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, rope_theta=1e5, rms_norm_eps=1e-5,
-                                  tie_word_embeddings=True, max_position_embeddings=64)
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, rope_theta=1e5, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                 max_position_embeddings=64)
     torch.manual_seed(0)
-    reference = transformers.LlamaForCausalLM(hf).eval()
+    if arch == "llama":
+        reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)).eval()
+    else:
+        reference = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape)).eval()
+        with torch.no_grad():   # random biases, so that they are read and used
+            for layer in reference.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.1)
     reference.save_pretrained(tmp_path)
     cfg = policy.qwen2_config(None, policy.hf_model_config(tmp_path))
     model = policy.build(cfg, nnx.Rngs(1))
