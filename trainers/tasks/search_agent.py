@@ -1,10 +1,14 @@
 """Search agents: an LLM policy that interleaves reasoning with calls to a retriever, trained with GRPO on
-the outcome (Search-R1, Jin et al. 2025), optionally with SD-Search's hindsight self-distillation.
+the outcome (Search-R1, Jin et al. 2025), optionally with SD-Search's hindsight self-distillation or
+IG-Search's information-gain advantages; ``search_agent_sft`` is the supervised warm start a policy trained
+from scratch needs first.
 
     ecomax agents synth --out runs/world && ecomax agents corpus --passages runs/world/corpus.jsonl \\
         --encoder bm25 --out runs/world_index
-    ecomax train --config configs/search_agent.py:tiny --workdir runs/agent \\
+    ecomax train --config configs/search_agent.py:sft_tiny --workdir runs/agent_sft \\
         --set data.world=runs/world --set data.index=runs/world_index
+    ecomax train --config configs/search_agent.py:tiny --workdir runs/agent \\
+        --set init_from.policy.path=runs/agent_sft --set data.world=runs/world --set data.index=runs/world_index
 
 One train step: ``train.batch_size`` questions, each sampled ``agent.group`` times. Turn 1 generates from
 Search-R1's prompt (``rollout``: jitted, KV-cached, ``models/policy.py``); between turns the host
@@ -12,7 +16,8 @@ environment (``interact``, ``data_pipelines/agents/environment.py``) cuts each r
 ``</search>`` / ``</answer>``, runs the searches and appends the documents; up to ``agent.max_turns``
 searches, then ``score`` reads the answers (reward: exact match, plus ``rl.format_bonus`` for a well-formed
 rollout), lays the rollouts out and the update takes GRPO's step on the policy's own tokens (documents
-masked), with SD-Search's JSD term when ``method="sd_search"``.
+masked), with SD-Search's JSD term (``method="sd_search"``) or IG-Search's per-token advantages
+(``"ig_search"``; their inputs: ``data_pipelines/agents/teachers.py``).
 """
 
 from __future__ import annotations
