@@ -101,8 +101,8 @@ class SearchEnvironment:
 
     def _stop(self, new: list[int]) -> int | None:
         """The end of the first ``</search>`` or ``</answer>`` in ``new`` (exclusive), or None."""
-        for i in range(1, len(new) + 1):
-            if new[:i][-len(self._close):] == self._close or new[:i][-len(self._answer):] == self._answer:
+        for i in range(1, len(new) + 1):   # O(len(new) x tag length): a turn may be 500 tokens
+            if any(new[max(0, i - len(tag)):i] == tag for tag in (self._close, self._answer)):
                 return i
         return None
 
