@@ -142,13 +142,19 @@ class _SearchAgentBase(Task):
             context, valid, active = env.contexts(episodes)
             if not active.any():
                 break
+        _, grades = self.grade(episodes, [q.golden_answers for q in self.questions[split][:len(episodes)]])
+        return {**{k: float(v.mean()) for k, v in grades.items()},
+                "searches": float(np.mean([len(e.queries) for e in episodes]))}
+
+    def grade(self, episodes: list[Episode], golds: list) -> tuple[list[str], dict[str, np.ndarray]]:
+        """Each rollout's text after the prompt and its ``em``, ``f1`` (of the final answer, best gold) and
+        ``format`` (``format_reward``), ``[B]`` each."""
         texts = [e.policy_text(self.tokenizer) for e in episodes]
         answers = [final_answer(t) or "" for t in texts]
-        golds = [q.golden_answers for q in self.questions[split][:len(episodes)]]
-        return {"em": float(np.mean([qa_metrics.exact_match(a, g) for a, g in zip(answers, golds)])),
-                "f1": float(np.mean([qa_metrics.f1(a, g) for a, g in zip(answers, golds)])),
-                "searches": float(np.mean([len(e.queries) for e in episodes])),
-                "format": float(np.mean([format_reward(t, c.agent.max_turns) for t in texts]))}
+        grades = {"em": [qa_metrics.exact_match(a, g) for a, g in zip(answers, golds)],
+                  "f1": [qa_metrics.f1(a, g) for a, g in zip(answers, golds)],
+                  "format": [format_reward(t, self.config.agent.max_turns) for t in texts]}
+        return texts, {k: np.asarray(v, np.float32) for k, v in grades.items()}
 
     @functools.cached_property
     def _greedy(self):
@@ -210,13 +216,10 @@ class SearchAgentTask(_SearchAgentBase):
 
     def score(self, rollout: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
         episodes = self._absorb(rollout, first=self.turns == 1, last=True)
-        c, tok = self.config, self.tokenizer
+        c = self.config
         golds = [self.questions[c.data.split][int(q)].golden_answers for q in rollout["question"]]
-        texts = [e.policy_text(tok) for e in episodes]
-        answers = [final_answer(t) or "" for t in texts]
-        em = np.array([qa_metrics.exact_match(a, g) for a, g in zip(answers, golds)], np.float32)
-        f1 = np.array([qa_metrics.f1(a, g) for a, g in zip(answers, golds)], np.float32)
-        fmt = np.array([format_reward(t, c.agent.max_turns) for t in texts], np.float32)
+        texts, grades = self.grade(episodes, golds)
+        em, f1, fmt = grades["em"], grades["f1"], grades["format"]
         reward = em + c.rl.format_bonus * fmt
         out = {**self.env.layout(episodes, c.agent.context + c.agent.turn_tokens), "reward": reward, "em": em,
                "format": fmt, "advantage": group_advantages(reward, c.agent.group),
