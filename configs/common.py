@@ -61,15 +61,18 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def init_from_entry(target: str, *, path: str = "", skip: str = "", family: str = "") -> ml_collections.ConfigDict:
-    """A pretrained-tower entry for ``c.init_from.NAME``: a Hugging Face folder placed at ``target``.
+def init_from_entry(target: str, *, path: str = "", skip: str = "", family: str = "", format: str = "hf",
+                    source: str = "") -> ml_collections.ConfigDict:
+    """A pretrained-tower entry for ``c.init_from.NAME``, placed at ``target`` (``trainers/init_from.py``).
 
     ``target`` is a ``/`` path into the model's parameters (e.g. ``query/vit``); set ``path`` (also with
-    ``--set init_from.NAME.path=...``) to use it; ``skip``: comma-separated regexes of tensors to ignore;
-    ``family``: vit | clip | siglip | bert | xlmr (default: from config.json).
+    ``--set init_from.NAME.path=...``) to use it. ``format``: ``hf`` (a Hugging Face folder; ``skip``:
+    comma-separated regexes of tensors to ignore; ``family``: vit | clip | siglip | bert | xlmr, default
+    from config.json), ``ecomax`` (another run's workdir or a params export: ``source`` the subtree to
+    take, ``step`` the checkpoint, 0 = the newest) or ``tunix`` (a Qwen2 / Llama folder).
     """
-    return ml_collections.ConfigDict({"format": "hf", "path": path, "target": target, "skip": skip,
-                                      "family": family})
+    return ml_collections.ConfigDict({"format": format, "path": path, "target": target, "skip": skip,
+                                      "family": family, "source": source, "step": 0})
 
 
 # The synthetic KuaiSearch world of the recall and relevance `tiny` configs (one cached world, one

@@ -22,7 +22,7 @@ Arguments:
 
 import ml_collections
 
-from configs.common import KUAISEARCH_SYNTHETIC, base_config
+from configs.common import KUAISEARCH_SYNTHETIC, base_config, init_from_entry
 
 VARIANTS = ("tiny", "ltrgr_tiny", "tiger_tiny", "lite", "ltrgr_lite")
 
@@ -86,8 +86,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             "gen_weight": 1.0,               # lambda: L = L_rank + lambda * L_dsi
             "max_relevant": 8,               # relevant SIDs per query kept to tell negatives apart
         })
-        c.init_from.model = ml_collections.ConfigDict({"format": "ecomax", "path": "", "target": "",
-                                                       "step": 0, "source": ""})  # path: the DSI run
+        c.init_from.model = init_from_entry("", format="ecomax")  # path: the DSI run
 
     if not tiny:  # mT5-base weights (a Hugging Face folder; data.tokenizer = its spiece.model), the code rows new
         c.init_from.mt5 = ml_collections.ConfigDict({"format": "hf", "path": "", "target": "", "skip": "",

@@ -98,11 +98,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.train.log_every, c.train.eval_every = 25, 100
         c.optimizer.learning_rate, c.optimizer.warmup_steps, c.optimizer.schedule = 3e-3, 20, "cosine"
     elif tiny:
-        c.init_from.policy = init_from_entry("")   # --set init_from.policy.path=SFT_WORKDIR
-        c.init_from.policy.format = "ecomax"
+        c.init_from.policy = init_from_entry("", format="ecomax")   # --set init_from.policy.path=SFT_WORKDIR
         c.optimizer.learning_rate = 3e-4
     if not tiny:
         c.train.compute_dtype = "bfloat16"
-        c.init_from.policy = init_from_entry("", path=c.model.hf_dir)
-        c.init_from.policy.format = "tunix"
+        c.init_from.policy = init_from_entry("", path=c.model.hf_dir, format="tunix")
     return c

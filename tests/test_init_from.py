@@ -1,7 +1,8 @@
-"""init_from: training starts from imported Hugging Face weights, sharded as the rules say."""
+"""init_from: a run starts from imported Hugging Face weights or another run's parameters, sharded as the rules say."""
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -11,8 +12,9 @@ from models.hf_import import load_hf
 from models.vit import ViT, ViTConfig
 from trainers import tasks
 from configs.common import init_from_entry
-from trainers.loop import Trainer, train
-from trainers.state import abstract_state
+from trainers.init_from import apply_init_from
+from trainers.loop import Trainer
+from trainers.state import model_spec
 from trainers.checkpoints import Checkpointer
 
 # the module and session fixtures are built once: this file runs on one pytest-xdist worker
@@ -76,15 +78,17 @@ def probe_config(*overrides):
     return config
 
 
+def fresh_state(config, workdir):
+    """The state a run starting from scratch begins with (``init_from`` applied), on the config's mesh."""
+    trainer = Trainer.create(config, workdir)
+    tx, _ = trainer.optimizer()
+    return trainer.init_state(tx, trainer.shardings(tx))
+
+
 def test_training_starts_from_the_imported_weights_sharded(hf_vit, tmp_path):
     config = probe_config()
     config.init_from.vit.path = str(hf_vit)
-    config.optimizer.learning_rate = 0.0  # the saved state is then exactly the initial one
-    train(config, tmp_path)
-    trainer = Trainer.create(config, tmp_path)
-    tx, _ = trainer.optimizer()
-    state, _ = Checkpointer(tmp_path / "checkpoints").restore(2, abstract_state(trainer.spec, tx,
-                                                                                  trainer.shardings(tx)))
+    state = fresh_state(config, tmp_path)
     expected = load_hf(hf_vit).params
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6),
                  state.params["vit"], expected)
@@ -101,7 +105,7 @@ def test_a_model_of_another_size_is_rejected_naming_the_tensor(hf_vit, tmp_path)
         config = probe_config()
         config.init_from.vit.path = str(hf_vit)
         with pytest.raises(ValueError, match=r"vit/encoder/blocks/0/mlp/fc1/bias: imported shape \(64,\) != model shape \(48,\)"):
-            train(config, tmp_path)
+            fresh_state(config, tmp_path)
     finally:
         VIT = saved
 
@@ -110,7 +114,7 @@ def test_an_unknown_target_is_rejected(hf_vit, tmp_path):
     config = probe_config()
     config.init_from.vit = init_from_entry("towers/vit", path=str(hf_vit))
     with pytest.raises(ValueError, match="target 'towers/vit': the model has no 'towers'"):
-        train(config, tmp_path)
+        fresh_state(config, tmp_path)
 
 
 def test_a_pretrained_vocabulary_grows_by_new_rows_keeping_its_own():
@@ -128,3 +132,53 @@ def test_a_pretrained_vocabulary_grows_by_new_rows_keeping_its_own():
     np.testing.assert_array_equal(head[:, :10], emb.T)
     with pytest.raises(ValueError, match="cannot grow"):
         grow(emb, (8, 4), "embedding")
+
+
+@pytest.fixture(params=["workdir", "params_export"])
+def source_run(request, tmp_path):
+    """A finished run (its workdir) or an ``ecomax export --format params`` folder whose parameters hold the
+    probe's ViT under ``towers/query/vit`` (random values)."""
+    import json
+
+    import orbax.checkpoint as ocp
+
+    rng = np.random.default_rng(7)
+    shapes = model_spec(lambda rngs: ViT(VIT, rngs=rngs)).abstract_params
+    vit = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), shapes)
+    params = {"towers": {"query": {"vit": vit}, "head": np.ones(3, np.float32)}}
+    if request.param == "workdir":
+        ckpt = Checkpointer(tmp_path / "source" / "checkpoints", use_async=False)
+        ckpt.save(5, {"params": params}, None, {})
+    else:  # the layout launch/export.py:export_params writes
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save((tmp_path / "source" / "params").absolute(), params)
+        ckpt.wait_until_finished()
+        (tmp_path / "source" / "export.json").write_text(json.dumps({"kind": "params"}))
+    ckpt.close()
+    return tmp_path / "source", vit
+
+
+def test_a_tower_of_another_run_is_placed_exactly_and_sharded(source_run, tmp_path):
+    """init_from format=ecomax: the source subtree of a finished run's checkpoint lands bit for bit at the target,
+    with the rules' shardings on the 2x2x2 mesh; the rest keeps its own init."""
+    path, vit = source_run
+    config = probe_config()
+    config.init_from.vit = init_from_entry("vit", path=str(path), format="ecomax", source="towers/query/vit")
+    state = fresh_state(config, tmp_path / "run")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.params["vit"], vit)
+    qkv = state.params["vit"]["encoder"]["blocks"][0]["attn"]["qkv_kernel"]
+    assert "fsdp" in str(qkv.sharding.spec) and "tensor" in str(qkv.sharding.spec)
+    assert len(qkv.sharding.device_set) == 8
+    assert not np.any(np.asarray(state.params["head"]["kernel"]))
+
+
+@pytest.mark.parametrize("source, error", [
+    ("towers/item/vit", "source 'towers/item/vit': .* has no 'item' \\(it has \\['head', 'query'\\]\\)"),
+    ("towers/query", "the imported parameters do not match the model; missing \\['vit/cls_token'"),
+])
+def test_a_missing_or_mismatched_source_subtree_is_an_error_naming_it(source_run, tmp_path, source, error):
+    path, _ = source_run
+    entry = init_from_entry("vit", path=str(path), format="ecomax", source=source)
+    abstract = model_spec(_Probe).abstract_params
+    with pytest.raises(ValueError, match=error):  # raised before anything is placed
+        apply_init_from(abstract, jax.tree.map(lambda _: None, abstract), ml_collections.ConfigDict({"vit": entry}))

@@ -3,7 +3,8 @@
 Each entry with a non-empty ``path`` imports a Hugging Face folder (``format="hf"``, ``models/hf_import.py``),
 a Qwen2 / Llama folder into tunix's Qwen2 (``format="tunix"``: the search agents' policy, ``models/policy.py``)
 or the parameters of another ecomax run (``format="ecomax"``: its workdir or checkpoints folder, the newest
-verified step unless ``step``, the subtree ``source`` of them; LTRGR continues a DSI run this way) and puts
+verified step unless ``step``, or an ``ecomax export --format params`` folder; the subtree ``source`` of
+them: LTRGR continues a DSI run this way, TIGER-FG takes a trained run's ViT as its teacher) and puts
 its parameters at ``target`` (a ``/``-separated path into the model's parameters, e.g. ``query/vit``)
 with the shardings the rules give that subtree. Each process places only the shards its own devices
 hold (``jax.make_array_from_callback``): the model is never whole on one device. Applied once, when a
@@ -12,6 +13,8 @@ run starts from scratch; a resumed run takes its weights from the checkpoint.
     --set init_from.query.path=/models/vit-base-patch16-224 --set init_from.query.skip='pooler\\..*'
     --set init_from.model.path=runs/gr_dsi       # (config: format="ecomax", target="")
     --set init_from.mt5.path=/models/mt5-base    # (config: grow="embedding|lm_head": + the SID code rows)
+    --set init_from.teacher.format=ecomax --set init_from.teacher.path=runs/teacher \
+          --set init_from.teacher.source=query/vit    # one tower of a finished run -> target "teacher"
 """
 
 from __future__ import annotations
@@ -34,11 +37,11 @@ def _keys(target: str) -> list[Any]:
     return [int(k) if k.isdigit() else k for k in target.split("/") if k]
 
 
-def _subtree(tree: dict, target: str, what: str) -> Any:
+def _subtree(tree: dict, target: str, what: str, role: str = "target") -> Any:
     node = tree
     for key in _keys(target):
         if not isinstance(node, dict) or key not in node:
-            raise ValueError(f"init_from target {target!r}: {what} has no {key!r} "
+            raise ValueError(f"init_from {role} {target!r}: {what} has no {key!r} "
                              f"(it has {sorted(map(str, node)) if isinstance(node, dict) else 'a leaf'})")
         node = node[key]
     return node
@@ -89,22 +92,38 @@ def place(imported: Any, current: Any, shardings: Any, where: str, grown: str = 
 
 
 def _checkpoint_params(path: str, step: int | None, source: str) -> Any:
-    """The parameters of an ecomax run (``path``: its workdir or its ``checkpoints`` folder; the newest
-    finished step unless ``step``), verified, the subtree ``source`` of them (default: all)."""
+    """The parameters of an ecomax run (``path``: its workdir or its ``checkpoints`` folder, the newest
+    finished step unless ``step``, verified) or of an ``ecomax export --format params`` folder, as host
+    arrays: the subtree ``source`` of them (default: all)."""
+    import json  # noqa: PLC0415
     import pathlib  # noqa: PLC0415
 
     from trainers.checkpoints import Checkpointer  # noqa: PLC0415
 
     folder = pathlib.Path(path)
+    manifest = folder / "export.json"
+    if manifest.is_file():
+        kind = json.loads(manifest.read_text()).get("kind")
+        if kind != "params":
+            raise ValueError(f"init_from: {path} is an ecomax {kind!r} export; only 'params' exports hold parameters")
+        import orbax.checkpoint as ocp  # noqa: PLC0415
+
+        ckpt = ocp.StandardCheckpointer()
+        try:
+            params = jax.tree.map(np.asarray, ckpt.restore((folder / "params").absolute()))
+        finally:
+            ckpt.close()
+        return _subtree(params, source, f"params export {folder}", "source")
     folder = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
     if not folder.is_dir():
-        raise FileNotFoundError(f"init_from: {path} is neither an ecomax workdir nor its checkpoints folder")
+        raise FileNotFoundError(f"init_from: {path} is neither an ecomax workdir, its checkpoints folder nor a "
+                                "params export")
     ckpt = Checkpointer(folder, use_async=False)
     try:
         params, _ = ckpt.read_params(step)
     finally:
         ckpt.close()
-    return _subtree(params, source, f"checkpoint {folder}")
+    return _subtree(params, source, f"checkpoint {folder}", "source")
 
 
 def apply_init_from(params: dict, param_shardings: dict, init_from: ml_collections.ConfigDict) -> dict:
