@@ -8,6 +8,20 @@ Arguments: ``tiny`` (CPU, well under a minute), ``demo`` (the ``make demo`` runs
 paper's scale: ViT-B/16 query and item towers at 224 px, a BERT-base text tower, 256-d, global batch
 4096, bf16, parameters sharded FSDP over all devices; 10M pairs x 10 epochs).
 ``model.name``: ``tigerfg`` | ``clip`` | ``late_fusion``. ``loss.<term>=0`` switches a term off.
+
+Two-stage distillation recipe (any size; ``SIZE_teacher`` is stage 1):
+
+    ecomax train --config configs/tigerfg.py:demo_teacher --workdir runs/teacher
+    ecomax train --config configs/tigerfg.py:demo --workdir runs/tigerfg --set init_from.teacher.path=runs/teacher
+
+Stage 1 trains the teacher the distillation terms need: one image encoder shared by the query crop and the
+item's *boxed target* (the item image cropped to its target box), contrastively, for twice the student's
+steps: the CLIP-style model with ``model.share_image_encoder`` and ``loss.item_view="box_crop"``. That is
+what the paper's teachers give (a strong frozen encoder that sees the boxed target, whose query->target
+similarities L_SDD distils and whose patch relations L_SRD distils), learned from the same catalogue since
+no pretrained checkpoint is reachable offline. Stage 2 takes its encoder (``item_vit``: where a shared
+encoder's parameters live) as the frozen ``teacher`` subtree. A Hugging Face ViT works too:
+``--set init_from.teacher.format=hf --set init_from.teacher.source= --set init_from.teacher.path=DIR``.
 """
 
 import ml_collections
@@ -30,6 +44,8 @@ SIZES = {
 
 
 def get_config(arg: str = "tiny"):
+    if arg.endswith("_teacher"):
+        return teacher_config(arg.removesuffix("_teacher"))
     (image, patch, width, depth, heads, t_width, t_depth, slots, embed, batch, steps, items,
      queries) = SIZES[arg]
     base = arg == "base"
@@ -60,9 +76,13 @@ def get_config(arg: str = "tiny"):
     # The frozen distillation teacher (not a parameter: rebuilt from the seed inside the step).
     # With init_from.teacher.path (a Hugging Face ViT folder; sizes below must match it) or in_params=True,
     # the teacher is instead a frozen `teacher` subtree of the parameters.
+    # region: what the teacher compares the query with in L_SDD, "crop" (it embeds the target box cropped from
+    # the item image: the paper's teacher sees the boxed target) or "patches" (the mean of its patch tokens in
+    # the box: one teacher pass less, but a CLS-trained encoder's mean patch is not its image embedding).
     c.teacher = ml_collections.ConfigDict({"seed": 1234, "hidden": width, "depth": depth, "heads": heads,
-                                           "mlp_dim": 4 * width, "in_params": False})
-    c.init_from.teacher = init_from_entry("teacher")
+                                           "mlp_dim": 4 * width, "in_params": False, "region": "crop"})
+    # stage 2 of the recipe: --set init_from.teacher.path=<the SIZE_teacher run> (see the module docstring)
+    c.init_from.teacher = init_from_entry("teacher", format="ecomax", source="item_vit")
     c.optimizer.frozen = "^teacher/"
 
     c.loss = ml_collections.ConfigDict()
@@ -74,6 +94,7 @@ def get_config(arg: str = "tiny"):
     c.loss.hard_negatives = True
     c.loss.sdd_student_temp = 0.05
     c.loss.sdd_teacher_temp = 0.05
+    c.loss.item_view = "image"    # "box_crop": the item tower sees the target box cropped (training a teacher)
 
     c.data.image_size = image
     c.data.max_text_len = 64 if base else 32
@@ -98,4 +119,17 @@ def get_config(arg: str = "tiny"):
         c.mesh.fsdp = -1
         c.sharding.rules.embed = "fsdp"   # (the batch rule stays the default "fsdp,data")
         c.data.worker_count = 8
+    return c
+
+
+def teacher_config(size: str) -> ml_collections.ConfigDict:
+    """Stage 1 of the distillation recipe at ``size``: the teacher's image encoder (see the module docstring)."""
+    c = get_config(size)
+    c.model.name = "clip"
+    c.model.share_image_encoder = True
+    c.loss.item_view = "box_crop"
+    c.loss.srd = c.loss.sdd = 0.0  # (v2t and i2v need text: the CLIP-style model skips them)
+    c.train.steps *= 2
+    c.train.checkpoint_every = c.train.steps
+    c.optimizer.warmup_steps *= 2
     return c

@@ -1,8 +1,9 @@
 """``ecomax demo``: synthesise ECom-RF-IMMR, train TIGER-FG and its baselines, evaluate, write a report.
 
 The runs are ordinary ``ecomax train`` runs into ``OUT/runs/<name>`` (the synthetic data is built once
-into the ecomax cache): TIGER-FG, TIGER-FG without the two distillation terms (L_SRD, L_SDD), and the
-CLIP-style dual encoder whose item is its image alone. Each is evaluated on the Normal and the Mosaic
+into the ecomax cache): the two-stage distillation recipe (``configs/tigerfg.py``) — stage 1 trains the
+teacher, stage 2 TIGER-FG distilling from it — then TIGER-FG without the two distillation terms (L_SRD,
+L_SDD), and the CLIP-style dual encoder whose item is its image alone. Each is evaluated on the Normal and the Mosaic
 test sets. The report (``OUT/report.md``) has the results table, loss curves, Recall@K bars and heat maps
 of TIGER-FG's text-guided slots over Mosaic item images. It reads the runs' ``metrics.jsonl`` and final
 checkpoints, so it can be re-made from finished runs (``--report-only``).
@@ -24,13 +25,18 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 class DemoRun:
     name: str
     config: str  # configs/NAME.py:ARG, relative to the repository
-    overrides: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()  # "{runs}" stands for OUT/runs
     description: str = ""
+
+    def resolved(self, out: pathlib.Path) -> list[str]:
+        return [o.replace("{runs}", str(out / "runs")) for o in self.overrides]
 
 
 RUNS = (
-    DemoRun("tigerfg", "configs/tigerfg.py:demo", (),
-            "TIGER-FG: text-guided slots over the item image, dual distillation"),
+    DemoRun("teacher", "configs/tigerfg.py:demo_teacher", (),
+            "stage 1: the distillation teacher (one image encoder for query crops and boxed targets)"),
+    DemoRun("tigerfg", "configs/tigerfg.py:demo", ("init_from.teacher.path={runs}/teacher",),
+            "TIGER-FG: text-guided slots over the item image, dual distillation from the teacher"),
     DemoRun("tigerfg_no_distill", "configs/tigerfg.py:demo", ("loss.srd=0.", "loss.sdd=0."),
             "TIGER-FG without L_SRD and L_SDD (ablation)"),
     DemoRun("clip", "configs/tigerfg.py:demo", ("model.name=clip",),
@@ -54,7 +60,7 @@ def train_runs(out: pathlib.Path, runs: tuple[DemoRun, ...]) -> dict[str, float]
     seconds = {}
     for run in runs:
         print(f"ecomax demo: training {run.name} ({run.config})")
-        config = load_config(str(REPO / run.config), run.overrides)
+        config = load_config(str(REPO / run.config), run.resolved(out))
         start = time.perf_counter()
         train(config, out / "runs" / run.name)
         seconds[run.name] = time.perf_counter() - start
@@ -118,7 +124,7 @@ def _heatmaps(out: pathlib.Path, run: DemoRun):
     from trainers.evaluators.heatmaps import slot_heatmaps
 
     workdir = out / "runs" / run.name
-    config = load_config(str(REPO / run.config), run.overrides)
+    config = load_config(str(REPO / run.config), run.resolved(out))
     trainer = Trainer.create(config, workdir)
     tx, _ = trainer.optimizer()
     ckpt = Checkpointer(workdir / "checkpoints")

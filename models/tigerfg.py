@@ -95,6 +95,19 @@ def box_patch_mask(box: Array, grid: int) -> Array:
     return jnp.maximum(mask.astype(jnp.float32), centre).reshape(box.shape[0], grid * grid)
 
 
+def crop_boxes(images: Array, box: Array) -> Array:
+    """Each image's box, cropped and resized back to the image size (bilinear): images [b, h, w, c], box [b, 4]
+    (x0, y0, x1, y1 in [0, 1]) -> [b, h, w, c]. The view of the target a box-seeing teacher embeds."""
+    h, w = images.shape[1:3]
+
+    def one(image: Array, bx: Array) -> Array:
+        sy, sx = 1.0 / jnp.maximum(bx[3] - bx[1], 1e-3), 1.0 / jnp.maximum(bx[2] - bx[0], 1e-3)
+        return jax.image.scale_and_translate(image, image.shape, (0, 1), jnp.stack([sy, sx]),
+                                             jnp.stack([-bx[1] * h * sy, -bx[0] * w * sx]), "linear")
+
+    return jax.vmap(one)(images, box.astype(jnp.float32)).astype(images.dtype)
+
+
 def _scalar(value: float) -> nnx.Param:
     return nnx.Param(jnp.asarray(value, jnp.float32), out_sharding=())
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import load_test_config
 from flax import nnx
 
+from models.partitioning import path_name
 from models.tigerfg import QueryTower, TigerFGConfig, box_patch_mask, build_model
 from models.vit import ViTConfig
 from trainers.loop import Trainer
@@ -78,39 +79,25 @@ def test_box_patch_mask():
     assert float(m[1].sum()) == 1 and float(m[1, 2, 2]) == 1  # a box smaller than a patch keeps its centre patch
 
 
-def _hf_teacher(folder):
-    """A random Hugging Face ViT shaped like the tiny config's teacher, saved as safetensors (None without torch)."""
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        return None
-    probe = load_test_config("configs/tigerfg.py:tiny")
-    t = probe.teacher
-    torch.manual_seed(0)
-    hf = transformers.ViTModel(transformers.ViTConfig(
-        image_size=probe.data.image_size, patch_size=probe.model.item_vit.patch_size, hidden_size=t.hidden,
-        num_hidden_layers=t.depth, num_attention_heads=t.heads, intermediate_size=t.mlp_dim, layer_norm_eps=1e-6))
-    hf.save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
 @pytest.mark.parametrize("name", ["tigerfg"])  # CLIP, late fusion: built above, trained by make demo and
-def test_tiny_training_run_and_evaluation(name, tmp_path):  # benchmarks/tigerfg_ablation.py
-    """12 steps and both evaluations of TIGER-FG. It distils from a pretrained teacher when
-    torch is installed (``init_from.teacher``: a Hugging Face ViT in a frozen ``teacher`` subtree, which
-    training must leave alone), else from the seeded teacher."""
-    teacher = _hf_teacher(tmp_path / "teacher") if name == "tigerfg" else None
-    extra = [f"init_from.teacher.path={teacher}", "init_from.teacher.skip=pooler\\..*"] if teacher else []
+def test_two_stage_distillation_run_and_evaluation(name, tmp_path):  # benchmarks/tigerfg_ablation.py
+    """The distillation recipe at ``tiny``: stage 1 trains the teacher (``tiny_teacher``: a shared image encoder
+    on box crops), stage 2 trains TIGER-FG 12 steps distilling from it (``init_from.teacher``: the stage-1 run's
+    ``item_vit`` in a frozen ``teacher`` subtree, which training must leave exactly as imported), then both
+    evaluations."""
+    common = ("train.log_every=1", "train.async_checkpoints=False")
+    stage1 = load_test_config("configs/tigerfg.py:tiny_teacher", "train.steps=4", *common)
+    assert stage1.model.share_image_encoder and stage1.loss.item_view == "box_crop"
+    assert Trainer.create(stage1, tmp_path / "teacher").run().status == "completed"
     config = load_test_config("configs/tigerfg.py:tiny", f"model.name={name}", "train.steps=12",
-                              "train.log_every=1", "train.checkpoint_every=12", "train.async_checkpoints=False",
-                              *extra)
+                              "train.checkpoint_every=12", f"init_from.teacher.path={tmp_path / 'teacher'}", *common)
     result = Trainer.create(config, tmp_path / "run").run()
     assert result.status == "completed"
-    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-              if "loss" in r]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 12 and np.isfinite(losses).all()
     assert min(losses[-4:]) < losses[0]
+    assert all(r["loss_sdd"] > 0 and r["loss_srd"] > 0 for r in records if "loss" in r)
     ev = result.eval_metrics
     for layout in ("normal", "mosaic"):
         for k in (1, 5, 10):
@@ -118,18 +105,36 @@ def test_tiny_training_run_and_evaluation(name, tmp_path):  # benchmarks/tigerfg
         assert ev[f"{layout}/num_queries"] > 0
     assert (tmp_path / "run" / "retrieval" / "step_12" / "mosaic" / "index").is_dir()
     assert all(isinstance(v, float) for v in ev.values())
-    if teacher:
-        from models.hf_import import load_hf
-        from trainers.checkpoints import Checkpointer
-        from trainers.state import abstract_state
 
-        trainer = Trainer.create(config, tmp_path / "run")
-        tx, _ = trainer.optimizer()
-        state, _ = Checkpointer(tmp_path / "run" / "checkpoints").restore(
-            12, abstract_state(trainer.spec, tx, trainer.shardings(tx)))
-        expected = load_hf(teacher, skip=("pooler\\..*",)).params
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6), state.params["teacher"],
-                     expected)
+    from trainers.checkpoints import Checkpointer
+    from trainers.state import abstract_state
+
+    trainer = Trainer.create(config, tmp_path / "run")
+    tx, _ = trainer.optimizer()
+    state, _ = Checkpointer(tmp_path / "run" / "checkpoints").restore(
+        12, abstract_state(trainer.spec, tx, trainer.shardings(tx)))
+    expected, _ = Checkpointer(tmp_path / "teacher" / "checkpoints").read_params()
+    flat = lambda tree: {path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}  # noqa: E731
+    got, want = flat(state.params["teacher"]), flat(expected["item_vit"])
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_crop_boxes_is_the_boxed_target_resized():
+    """On a linear ramp (where bilinear sampling is exact) the crop of a box samples the ramp at the box's
+    coordinates; the full box is the image itself."""
+    from models.tigerfg import crop_boxes
+
+    y, x = np.mgrid[0:8, 0:8].astype(np.float32)
+    ramp = np.stack([y + 10 * x, x, y], axis=-1)                      # [8, 8, 3], pixel-index coordinates
+    noise = np.random.default_rng(0).normal(size=(8, 8, 3)).astype(np.float32)
+    out = crop_boxes(jnp.asarray(np.stack([noise, ramp])), jnp.asarray([[0.0, 0.0, 1.0, 1.0], [0.25, 0.5, 0.75, 1.0]]))
+    np.testing.assert_allclose(out[0], noise, atol=1e-6)
+    ys = 4 + (np.arange(8) + 0.5) * 0.5 - 0.5                          # box y in [0.5, 1]: rows 4..8
+    xs = 2 + (np.arange(8) + 0.5) * 0.5 - 0.5                          # box x in [0.25, 0.75]: columns 2..6
+    want = np.stack([ys[:, None] + 10 * xs[None, :], np.broadcast_to(xs, (8, 8)), np.broadcast_to(ys[:, None], (8, 8))], -1)
+    np.testing.assert_allclose(out[1, :7], want[:7], atol=1e-4)       # the last row samples past the edge
 
 
 FULL = os.environ.get("ECOMAX_FULL_COMPILE") == "1"

@@ -9,10 +9,13 @@ switches a term off; terms a variant cannot compute, e.g. text terms for ``clip`
 (box region <-> item text), ``i2v`` (region -> fused item), ``srd`` (patch-relation distillation inside
 the box) and ``sdd`` (similarity-distribution distillation from a teacher that sees the boxed target).
 
-By default the teacher is a frozen random-feature ViT that is **not a parameter**: rebuilt inside the step
-from ``config.teacher.seed`` (outputs ``stop_gradient``-ed), never updated, not in checkpoints. With
-``--set init_from.teacher.path=HF_VIT_FOLDER`` (or ``teacher.in_params=True``) it is a ``teacher`` subtree
-of the parameters instead, frozen by ``optimizer.frozen="^teacher/"`` and filled from the checkpoint.
+The teacher: with ``--set init_from.teacher.path=RUN`` (the stage-1 run of ``configs/tigerfg.py:SIZE_teacher``,
+or a Hugging Face ViT with ``format=hf``; or ``teacher.in_params=True``) a ``teacher`` subtree of the
+parameters, frozen by ``optimizer.frozen="^teacher/"``; without, a frozen random-feature ViT that is **not a
+parameter**: rebuilt inside the step from ``config.teacher.seed``, never updated, not in checkpoints. Its
+L_SDD side compares its pooled query crop with its embedding of the item's boxed target (``teacher.region``:
+``crop``, the box cropped and resized, or ``patches``, the mean of its patch tokens in the box).
+``loss.item_view="box_crop"`` gives the item tower the boxed target instead of the image (stage 1).
 
 Data (``data_pipelines/ecom_rf_immr/world.py``): the built dataset of ``data.root`` (with
 ``data.tokenizer``), else ECom-RF-IMMR synthesised once per parameter set; training examples carry a
@@ -36,7 +39,7 @@ from flax import nnx
 
 from data_pipelines.ecom_rf_immr import world
 from models.text_encoder import TextEncoderConfig, l2_normalize, mean_pool
-from models.tigerfg import TigerFGConfig, box_patch_mask, build_model, teacher_vit
+from models.tigerfg import TigerFGConfig, box_patch_mask, build_model, crop_boxes, teacher_vit
 from models.vit import ViT, ViTConfig
 from trainers.losses import i2v_loss, q2i_loss, sdd_loss, srd_loss, v2t_loss
 from trainers.tasks import Batch, EvalContext, Metrics, Task, Tower, register
@@ -105,11 +108,15 @@ class TigerFGTask(Task):
         scale = jnp.exp(jnp.minimum(model.logit_scale[...].astype(jnp.float32), jnp.log(100.0)))
         q = model.embed_query(batch["query_image"])
         use_hard = model.uses_text and w.hard_negatives
-        out = model.item_outputs(batch["item_image"], batch["item_ids"], batch["item_mask"],
-                                 batch["neg_ids"] if use_hard else None, batch["neg_mask"] if use_hard else None)
-        item, hard = out["item"], out.get("hard")
         valid = batch["has_box"].astype(bool)
         box = batch["target_box"]
+        target = jnp.where(valid[:, None], box, jnp.array([0.0, 0.0, 1.0, 1.0], box.dtype))  # no box: the image
+        images = batch["item_image"]
+        if w.get("item_view", "image") == "box_crop":  # a teacher's training: the item tower sees the boxed target
+            images = crop_boxes(images, target)
+        out = model.item_outputs(images, batch["item_ids"], batch["item_mask"],
+                                 batch["neg_ids"] if use_hard else None, batch["neg_mask"] if use_hard else None)
+        item, hard = out["item"], out.get("hard")
         terms: dict[str, jax.Array] = {}
         if w.q2i:
             terms["q2i"] = q2i_loss(q, item, scale, item_index=batch["item_index"], hard=hard,
@@ -129,9 +136,12 @@ class TigerFGTask(Task):
             if w.srd:
                 terms["srd"] = srd_loss(out["patches"], t_patches, box_mask, valid)
             if w.sdd:
-                region_mask = jnp.where(valid[:, None], box_mask, 1.0)
                 t_query = l2_normalize(jax.lax.stop_gradient(teacher.pooled(batch["query_image"])).astype(jnp.float32))
-                t_region = l2_normalize(mean_pool(t_patches, region_mask).astype(jnp.float32))
+                if self.config.teacher.get("region", "crop") == "crop":  # the teacher embeds the boxed target
+                    t_region = teacher.pooled(crop_boxes(batch["item_image"], target))
+                else:  # "patches": the mean of its patch tokens in the box (one teacher pass less)
+                    t_region = mean_pool(t_patches, jnp.where(valid[:, None], box_mask, 1.0))
+                t_region = l2_normalize(jax.lax.stop_gradient(t_region).astype(jnp.float32))
                 terms["sdd"] = sdd_loss(q @ item.T, t_query @ t_region.T, student_temp=w.sdd_student_temp,
                                         teacher_temp=w.sdd_teacher_temp)
         total = sum(getattr(w, k) * v for k, v in terms.items())
