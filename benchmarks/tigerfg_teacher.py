@@ -34,14 +34,17 @@ ARMS = {
     "teacher": "stage 1: the teacher itself (CLIP-style, box crops)",
 }
 COLS = [f"{layout}/exact/recall@{k}" for layout in ("normal", "mosaic") for k in (1, 5, 10)]
+HEAD = ["Normal R@1", "R@5", "R@10", "Mosaic R@1", "R@5", "R@10"]
 
 
-def final_eval(workdir: pathlib.Path) -> dict[str, float]:
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
-    if not evals:
-        raise RuntimeError(f"{workdir}: no evaluation record in metrics.jsonl")
-    return {k.removeprefix("eval/"): v for k, v in evals[-1].items()}
+def final_eval(workdir: pathlib.Path) -> dict[str, float] | None:
+    """The run's last evaluation (``eval/`` stripped), or None when it has not finished."""
+    from launch.demo import read_metrics
+
+    if not (workdir / "metrics.jsonl").exists():
+        return None
+    _, last = read_metrics(workdir)
+    return {k.removeprefix("eval/"): v for k, v in last.items()} or None
 
 
 def overrides(arm: str, seed: int, teacher_dir: pathlib.Path) -> list[str]:
@@ -65,24 +68,21 @@ def run_seed(size: str, seed: int, root: pathlib.Path, arms: list[str]) -> dict[
         workdir = teacher_dir if arm == "teacher" else root / f"s{seed}" / arm
         print(f"== seed {seed}: {ARMS[arm]} -> {workdir}", flush=True)
         t0 = time.perf_counter()
-        if not (workdir / "metrics.jsonl").exists() or not any(
-                "eval/" in line for line in (workdir / "metrics.jsonl").read_text().splitlines()):
+        if final_eval(workdir) is None:  # a finished run in --workdir is read, not retrained
             train(config, workdir)
         out[arm] = {**final_eval(workdir), "seconds": time.perf_counter() - t0}
     return out
 
 
 def table(rows: dict[str, dict], title: str) -> str:
-    head = ["Normal R@1", "R@5", "R@10", "Mosaic R@1", "R@5", "R@10"]
-    lines = [title, "", "| run | " + " | ".join(head) + " | s |", "|---|" + "---|" * (len(head) + 1)]
+    lines = [title, "", "| run | " + " | ".join(HEAD) + " | s |", "|---|" + "---|" * (len(HEAD) + 1)]
     for arm, m in rows.items():
         lines.append(f"| {ARMS[arm]} | " + " | ".join(f"{100 * m[c]:.1f}" for c in COLS) + f" | {m['seconds']:.0f} |")
     return "\n".join(lines)
 
 
 def spread(per_seed: list[dict[str, dict]], arms: list[str]) -> str:
-    head = ["Normal R@1", "R@5", "R@10", "Mosaic R@1", "R@5", "R@10"]
-    lines = ["| run | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    lines = ["| run | " + " | ".join(HEAD) + " |", "|---|" + "---|" * len(HEAD)]
     for arm in arms:
         cells = []
         for c in COLS:

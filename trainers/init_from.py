@@ -13,8 +13,7 @@ run starts from scratch; a resumed run takes its weights from the checkpoint.
     --set init_from.query.path=/models/vit-base-patch16-224 --set init_from.query.skip='pooler\\..*'
     --set init_from.model.path=runs/gr_dsi       # (config: format="ecomax", target="")
     --set init_from.mt5.path=/models/mt5-base    # (config: grow="embedding|lm_head": + the SID code rows)
-    --set init_from.teacher.format=ecomax --set init_from.teacher.path=runs/teacher \
-          --set init_from.teacher.source=query/vit    # one tower of a finished run -> target "teacher"
+    --set init_from.teacher.path=runs/teacher    # (config: format="ecomax", source="item_vit", target="teacher")
 """
 
 from __future__ import annotations
