@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.read_threads = 4
     c.data.prefetch = 16
-    c.data.worker_count = 0           # >0: decode in that many prefetch processes
+    c.data.worker_count = 0           # >0: decode in that many prefetch processes; -1: one per core
     return c
 
 

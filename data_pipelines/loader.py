@@ -10,7 +10,9 @@ a checkpoint written by 2 processes resumes on 1, or on 4.
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -30,6 +32,11 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size % process_count:
         raise ValueError(f"global batch size {global_batch_size} is not divisible by {process_count} processes")
     return global_batch_size // process_count
+
+
+def resolve_worker_count(worker_count: int) -> int:
+    """``data.worker_count``: ``-1`` is one decoding process per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if worker_count < 0 else int(worker_count)
 
 
 def _allow_multiprocessing() -> None:
@@ -59,8 +66,10 @@ def process_batches(
 
     ``transform(record, rng)`` runs per example with a generator derived from (seed, global index), so
     augmentation is identical whatever the number of processes. ``num_epochs=None`` repeats forever.
-    ``worker_count > 0`` decodes in that many prefetch processes (``mp_prefetch``).
+    ``worker_count > 0`` decodes in that many prefetch processes (``mp_prefetch``), ``-1`` in one per core
+    this process may run on (``os.sched_getaffinity``).
     """
+    worker_count = resolve_worker_count(worker_count)
     local = local_batch_size(global_batch_size, process_count)
     if isinstance(source, InMemorySource) and transform is None:
         batches = _InMemoryBatches(source, global_batch_size, seed, shuffle, process_index, process_count, num_epochs)
@@ -156,6 +165,33 @@ class _InMemoryBatches:
         epoch, j = divmod(k, self._per_epoch)
         start = j * self._global + self._offset
         return self._source.gather(self._epoch_order(epoch)[start:start + self._local])
+
+
+class StageClock:
+    """Seconds per pipeline stage summed over examples: ``mark(stage)`` charges the time since the previous
+    mark (or ``start``) to ``stage``. A transform holds a ``NoClock`` unless a bench gives it one."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = 0.0
+
+    def start(self) -> None:
+        self._last = time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self._last = now
+
+
+class NoClock:
+    """A ``StageClock`` that records nothing (the default of a transform)."""
+
+    def start(self) -> None:
+        pass
+
+    def mark(self, stage: str) -> None:
+        pass
 
 
 def eval_batches(source: RandomAccessSource, batch_size: int,

@@ -2,6 +2,7 @@
 
     ecomax bench --config configs/two_tower.py:tiny [--set k=v ...] [--steps 20] [--warmup 3] [--json OUT]
     ecomax bench --config configs/two_tower.py:base --aot --mesh data=2,fsdp=4,tensor=1 [--memory-limit-gib 95]
+    ecomax bench --config configs/tigerfg.py:base --pipeline-only [--workers 0,1,2]   (launch/pipeline_bench.py)
 
 A run compiles the train step once (``Trainer.lower().compile()``, timed), initialises the state,
 then runs ``--warmup`` untimed and ``--steps`` timed steps, blocking on each step's results. It
@@ -379,6 +380,16 @@ def _bench(args: argparse.Namespace) -> int:
         mesh = parse_mesh(args.mesh) if args.mesh else None
         if args.aot and mesh is None:
             raise BenchError("--aot needs --mesh, e.g. --mesh data=2,fsdp=4,tensor=1")
+        if args.pipeline_only:
+            from launch import pipeline_bench
+
+            workers = [int(w) for w in args.workers.split(",")] if args.workers else None
+            report = pipeline_bench.pipeline_report(config, workers=workers, batches=args.batches,
+                                                    mfu=args.mfu, hosts=args.hosts)
+            report["config"], report["overrides"] = args.config, list(args.set)
+            print(pipeline_bench.format_table(report))
+            _write_json(args.json, report)
+            return 0
         if args.aot:
             limit = int(args.memory_limit_gib * 2**30) if args.memory_limit_gib else None
             report = aot_report(config, mesh, limit)
@@ -400,12 +411,16 @@ def _bench(args: argparse.Namespace) -> int:
 
     report["allocator"] = current_allocator()  # what this process runs under (launch/allocator.py)
     print(format_table(report))
-    if args.json:
-        path = pathlib.Path(args.json)
+    _write_json(args.json, report)
+    return EXIT_DOES_NOT_FIT if report.get("fits") is False else 0
+
+
+def _write_json(out: str | None, report: dict[str, Any]) -> None:
+    if out:
+        path = pathlib.Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2, sort_keys=True))
         print(f"wrote {path}")
-    return EXIT_DOES_NOT_FIT if report.get("fits") is False else 0
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -421,6 +436,13 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T", help="mesh sizes (overrides the config)")
     p.add_argument("--memory-limit-gib", type=float, default=None,
                    help="--aot: device memory to check against (default: what the device reports)")
+    g = p.add_argument_group("--pipeline-only (launch/pipeline_bench.py)")
+    g.add_argument("--pipeline-only", action="store_true",
+                   help="the input pipeline alone: per-stage times, worker scaling, host cores needed (estimate)")
+    g.add_argument("--workers", default="", metavar="0,1,2", help="worker counts to measure (default 0..cores)")
+    g.add_argument("--batches", type=int, default=20, help="timed batches per worker count (default 20)")
+    g.add_argument("--mfu", type=float, default=0.5, help="accelerator MFU of the estimate (default 0.5)")
+    g.add_argument("--hosts", default="8xH100 SXM,8xTPU v5e", help="accelerator hosts of the estimate")
     p.set_defaults(func=_bench)
     return p
 

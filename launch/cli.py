@@ -76,7 +76,7 @@ def _synth(args: argparse.Namespace) -> int:
         from data_pipelines.ecom_rf_immr import synthesize
 
         path = synthesize(args.out, items=args.items, queries_per_item=args.queries_per_item, seed=args.seed,
-                          image_size=args.image_size)
+                          image_size=args.image_size, image_format=args.image_format.upper())
     else:
         from data_pipelines.kuaisearch.synthetic import synthesize
 
@@ -92,7 +92,7 @@ def _build(args: argparse.Namespace) -> int:
 
     summary = build(args.manifest, args.out, workers=args.workers, shards=args.shards,
                     max_bad_fraction=args.max_bad_fraction, overwrite=args.overwrite, runner=args.runner,
-                    beam_options=_beam_options(args))
+                    beam_options=_beam_options(args), image_size=args.image_size)
     print(summary)
     return 0
 
@@ -143,6 +143,8 @@ def _add_data_parser(sub) -> None:
     p.add_argument("--items", type=int, default=None, help="number of items (default: per dataset)")
     p.add_argument("--queries-per-item", type=int, default=2, help="ecom_rf_immr: query crops per item")
     p.add_argument("--image-size", type=int, default=96, help="ecom_rf_immr: image side in pixels")
+    p.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg",
+                   help="ecom_rf_immr: item images and mosaic canvases (queries are always JPEG)")
     p.add_argument("--users", type=int, default=1000, help="kuaisearch: number of users")
     p.add_argument("--sessions", type=int, default=10_000, help="kuaisearch: number of search sessions")
     p.set_defaults(func=_synth_with_defaults)
@@ -168,6 +170,9 @@ def _add_data_parser(sub) -> None:
             p.add_argument("--shards", type=int, default=None,
                            help="byte ranges of the manifest (default: from a size estimate)")
             p.add_argument("--overwrite", action="store_true", help="replace an existing build")
+            p.add_argument("--image-size", type=int, default=None, metavar="PX",
+                           help="store images re-encoded (JPEG 90) with the shorter side at most PX, boxes "
+                                "scaled; recorded in build_summary.json (default: as given)")
         else:
             p.add_argument("--kinds", default="", help="comma-separated kinds to build (default: all five)")
         p.set_defaults(func=func)

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import load_test_config
+from conftest import REPO, load_test_config
 from launch import bench
 from trainers import flops
 from trainers.tasks import get_task
@@ -125,3 +125,34 @@ def test_aot_needs_devices_it_cannot_have():
         bench.devices_for(64)
     with pytest.raises(bench.BenchError, match="AXIS=SIZE"):
         bench.parse_mesh("data=2,pipeline=2")
+
+
+def test_train_flops_counts_frozen_parts_once():
+    assert flops.train_flops({"a": 2.0, "frozen/teacher/b": 5.0}) == 3 * 2.0 + 5.0
+    task = get_task(load_test_config("configs/tigerfg.py:tiny"))
+    fwd = task.forward_flops(4)
+    vit = sum(flops.vit_forward(task.teacher_config(), 4).values())
+    assert sum(v for k, v in fwd.items() if k.startswith("frozen/teacher/")) == pytest.approx(3 * vit)  # item, query, box
+    assert flops.train_flops(fwd) == pytest.approx(3 * sum(fwd.values()) - 2 * 3 * vit)
+
+
+def test_pipeline_only_reports_stages_scaling_and_cores(tmp_path, capsys):
+    out, tiger = tmp_path / "pipe.json", f"{REPO}/configs/tigerfg.py:tiny"
+    assert bench.main(["--config", tiger, "--pipeline-only", "--workers", "0", "--batches", "2",
+                       "--set", "data.photometric=device", "--set", "data.synth_image_format=jpeg",
+                       "--hosts", "8xH100 SXM,4xTPU v5e", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    stages = r["stage_ms_per_example"]
+    assert {"read", "decode", "crop_resize", "augment", "tokenise", "negative_text", "other", "collate"} <= set(stages)
+    assert stages["decode"] > 0 and stages["total"] == pytest.approx(sum(v for k, v in stages.items() if k != "total"))
+    assert r["data"]["photometric"] == "device" and r["data"]["synth_image_format"] == "jpeg"
+    (scale,) = r["scaling"]
+    assert scale["worker_count"] == 0 and scale["examples_per_s"] > 0
+    h100, v5e = r["cores_needed"]
+    per_core, per_ex = scale["examples_per_s_per_core"], r["train_flops_per_example"]
+    assert h100["examples_per_s_consumed"] == pytest.approx(8 * 989e12 * 0.5 / per_ex)
+    assert v5e["host_cores_needed"] == pytest.approx(0.95 * 4 * 197e12 * 0.5 / per_ex / per_core)
+    assert "ESTIMATE" in capsys.readouterr().out
+    bad = ["--config", tiger, "--pipeline-only", "--hosts", "eight H100"]
+    assert bench.main(bad) == bench.EXIT_CONFIG_ERROR  # refused before measuring anything
+    assert "--hosts 'eight H100': expected CHIPSxKIND" in capsys.readouterr().err

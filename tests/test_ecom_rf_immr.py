@@ -449,3 +449,146 @@ def test_pipeline_with_the_project_tokenizer(built, tmp_path):
                                seed=0)[0]
     assert b["item_ids"].shape == (2, 12) and b["item_ids"].dtype == np.int32 and b["item_mask"].dtype == np.bool_
     assert b["item_mask"].all()  # synthetic item texts are longer than 12 pieces
+
+
+# ----------------------------------------------------------------------------- fast decode, device photometric
+
+
+def _jpeg(w: int, h: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = (rng.random((h // 8 + 1, w // 8 + 1, 3)) * 255).astype(np.uint8)
+    img = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))  # smooth, photo-like
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("w,h,min_size,factor", [(48, 48, None, 1), (256, 256, (224, 224), 1),
+                                                 (801, 611, (289, 289), 2), (640, 480, (100, 50), 4),
+                                                 (90, 300, (10, 30), 8)])
+def test_jpeg_decode_equals_pillow_at_the_same_scale(w, h, min_size, factor):
+    data = _jpeg(w, h)
+    got, orig = pipeline.decode_rgb(data, min_size)
+    im = Image.open(io.BytesIO(data))
+    if min_size is not None:
+        im.draft("RGB", min_size)
+    want = np.asarray(im.convert("RGB"))
+    assert orig == (w, h) and got.dtype == np.uint8
+    assert got.shape == want.shape == (-(-h // factor), -(-w // factor), 3)  # the DCT reduction happened
+    np.testing.assert_array_equal(got, want)  # simplejpeg at Pillow's DCT scale: the same pixels
+
+
+def test_png_decodes_through_pillow():
+    img = (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    got, orig = pipeline.decode_rgb(buf.getvalue(), (10, 10))
+    assert orig == (30, 20)
+    np.testing.assert_array_equal(got, img)
+
+
+def test_photometric_by_hand():
+    img = np.array([[[255, 0, 51], [102, 204, 0]]], np.uint8)  # [1, 2, 3]
+    b, c, s = 1.1, 0.8, 1.2
+    x = img / 255.0 * b
+    x = (x - x.mean()) * c + x.mean()
+    g = x.mean(axis=2, keepdims=True)
+    x = np.clip((x - g) * s + g, 0, 1)
+    want = (x - np.array(pipeline.IMAGENET_MEAN)) / np.array(pipeline.IMAGENET_STD)
+    got = pipeline.photometric(img, np.array([b, c, s], np.float32))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(pipeline.photometric(img, None),
+                               (img / 255.0 - np.array(pipeline.IMAGENET_MEAN)) / np.array(pipeline.IMAGENET_STD),
+                               atol=1e-6)
+
+
+def test_device_photometric_gives_the_host_pixels(built, tokenizer):
+    import jax.numpy as jnp
+
+    out, _ = built
+    src = open_split(out, "train")
+    kw = dict(image_size=IMAGE_SIZE // 2, tokenizer=tokenizer, max_text_len=24, train=True,
+              augment=pipeline.AugmentConfig(item_crop_scale=(0.7, 1.0)))
+    host = pipeline.make_transform(**kw)
+    device = pipeline.make_transform(**kw, photometric="device")
+    for i in range(6):
+        a = host(src[i], np.random.default_rng(i))
+        d = device(src[i], np.random.default_rng(i))
+        assert d["query_image"].dtype == np.uint8 and d["query_jitter"].shape == (3,)
+        assert set(d) == set(a) | {"query_jitter", "item_jitter"}
+        for k in ("query", "item"):
+            on_device = pipeline.photometric(jnp.asarray(d[f"{k}_image"])[None], jnp.asarray(d[f"{k}_jitter"])[None],
+                                             xp=jnp)[0]
+            np.testing.assert_allclose(np.asarray(on_device), a[f"{k}_image"], atol=2e-6)
+        for k in ("item_ids", "item_mask", "target_box", "has_box", "item_index"):
+            np.testing.assert_array_equal(a[k], d[k])
+    evaluation = pipeline.make_transform(**{**kw, "train": False}, photometric="device")(src[0], None)
+    np.testing.assert_array_equal(evaluation["query_jitter"], np.ones(3, np.float32))
+
+
+def test_device_pipeline_is_the_same_across_process_counts(built, tokenizer):
+    from data_pipelines.loader import process_batches
+
+    out, _ = built
+    src = open_split(out, "train")
+    t = pipeline.make_transform(image_size=16, tokenizer=tokenizer, max_text_len=8, train=True, photometric="device")
+
+    def batches(p, count):
+        it = iter(process_batches(src, global_batch_size=4, seed=3, transform=t, process_index=p,
+                                  process_count=count, read_threads=2, prefetch=2))
+        return [next(it) for _ in range(3)]
+
+    one, halves = batches(0, 1), [batches(p, 2) for p in range(2)]
+    for k in range(3):
+        for key in ("query_image", "query_jitter", "item_image", "item_index"):
+            np.testing.assert_array_equal(one[k][key], np.concatenate([halves[0][k][key], halves[1][k][key]]))
+
+
+def test_a_stored_image_that_does_not_decode_names_its_record(built, tokenizer):
+    out, _ = built
+    record = dict(open_split(out, "train")[0])
+    record["query_image"] = b"\xff\xd8\xff" + b"\x00" * 64  # a JPEG header and nothing after it
+    t = pipeline.make_transform(image_size=16, tokenizer=tokenizer, max_text_len=8, train=False)
+    with pytest.raises(pipeline.RecordDecodeError, match=rf"query_id='{record['query_id']}'.*query_image"):
+        t(record, None)
+
+
+def test_text_tokens_are_cached_per_text(built, tokenizer):
+    out, _ = built
+    record = open_split(out, "train")[0]
+    t = pipeline.make_transform(image_size=16, tokenizer=tokenizer, max_text_len=8, train=False)
+    a, b = t(record, None), t(record, None)
+    assert a["item_ids"] is b["item_ids"] and not a["item_ids"].flags.writeable
+    assert len(t._texts) == 1
+    assert set(t.__getstate__()) == {"config", "tokenizer"}  # worker processes get no caches or clocks
+
+
+def test_synthetic_items_are_jpeg_by_default_png_on_request(synth, tmp_path):
+    recs = [json.loads(x) for x in _lines(synth)]
+    paths = {p for r in recs for p in r["item_images"]}
+    assert paths and all(p.endswith(".jpg") for p in paths)
+    assert Image.open(synth.parent / next(iter(paths))).format == "JPEG"
+    png = synthetic.synthesize(tmp_path / "png", items=4, queries_per_item=1, seed=0, image_size=32,
+                               image_format="PNG")
+    png_paths = {p for x in _lines(png) for p in json.loads(x)["item_images"]}
+    assert all(p.endswith(".png") for p in png_paths)
+    with pytest.raises(ValueError, match="image_format"):
+        synthetic.synthesize(tmp_path / "bad", items=2, image_format="WEBP")
+
+
+def test_build_image_size_reencodes_and_scales_boxes(synth, built, tmp_path):
+    out, _ = built
+    small = IMAGE_SIZE // 2
+    summary = build(synth, tmp_path / "small", workers=1, progress=False, image_size=small)
+    assert summary.image_size == small
+    assert json.loads((Path(summary.dataset_dir) / "build_summary.json").read_text())["image_size"] == small
+    full, shrunk = open_split(out, "train"), open_split(tmp_path / "small", "train")
+    assert len(full) == len(shrunk)
+    for a, b in zip(full, shrunk):
+        assert a["query_id"] == b["query_id"]
+        for data in (b["query_image"], *b["item_images"]):
+            with Image.open(io.BytesIO(data)) as im:
+                assert im.format == "JPEG" and min(im.size) == small
+        if a["has_box"]:
+            np.testing.assert_allclose(b["target_box"], a["target_box"] * small / IMAGE_SIZE, rtol=1e-6)

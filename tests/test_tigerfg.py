@@ -179,3 +179,22 @@ def test_mosaic_batches_put_the_items_of_one_canvas_in_one_global_batch(tmp_path
     batch = next(iter(trainer.data()))
     first = [source[i]["item_index"] for i in range(16)]
     np.testing.assert_array_equal(batch["item_index"], first)
+
+
+def test_device_photometric_gives_the_host_loss():
+    """data.photometric="device" (uint8 + jitter factors, normalised in the step) = the host path's loss."""
+    losses = {}
+    for mode in ("host", "device"):
+        task = get_task(load_test_config("configs/tigerfg.py:tiny", f"data.photometric={mode}"))
+        source, transform = task.train_source()
+        examples = [transform.random_map(source[i], np.random.default_rng(i)) for i in range(4)]
+        batch = {k: jnp.asarray(np.stack([e[k] for e in examples])) for k in examples[0]}
+        assert (batch["query_image"].dtype == jnp.uint8) == (mode == "device")
+
+        @jax.jit
+        def loss(batch):
+            return task.loss(task.build_model(nnx.Rngs(0)), batch, jax.random.key(0))[0]
+
+        with nnx.use_eager_sharding(False):
+            losses[mode] = float(loss(batch))
+    assert losses["device"] == pytest.approx(losses["host"], rel=1e-5)

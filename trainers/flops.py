@@ -99,7 +99,7 @@ def encoder_block_forward(tokens: float, hidden: int, heads: int, mlp_dim: int, 
     }
 
 
-def _add(total: dict[str, float], part: Mapping[str, float], times: float = 1.0, prefix: str = "") -> None:
+def accumulate(total: dict[str, float], part: Mapping[str, float], times: float = 1.0, prefix: str = "") -> None:
     for k, v in part.items():
         total[prefix + k] = total.get(prefix + k, 0.0) + times * v
 
@@ -111,7 +111,7 @@ def two_tower_forward(cfg: Any, batch: int) -> dict[str, float]:
     out: dict[str, float] = {"image/embed": matmul(batch * patches, cfg.patch_size**2 * cfg.channels, w)}
     for tower, n in (("image", patches), ("text", cfg.max_words)):
         block = {"mix": matmul(batch, w, w), "mlp": matmul(batch * n, w, m) + matmul(batch * n, m, w)}
-        _add(out, block, cfg.depth, f"{tower}/blocks/")
+        accumulate(out, block, cfg.depth, f"{tower}/blocks/")
         out[f"{tower}/proj"] = matmul(batch, w, e)
     out["loss/logits"] = 2 * matmul(batch, e, batch)  # a->b and b->a InfoNCE each build [b, b] logits
     return out
@@ -121,7 +121,7 @@ def vit_forward(cfg: Any, batch: int) -> dict[str, float]:
     """``models/vit.ViT`` then ``pool`` (``ViTConfig``), ``batch`` images."""
     h, s = cfg.hidden, cfg.num_tokens
     out = {"patch_embed": matmul(batch * cfg.num_patches, cfg.patch_size**2 * cfg.channels, h)}
-    _add(out, encoder_block_forward(batch * s, h, cfg.heads, cfg.mlp_dim, s), cfg.depth, "blocks/")
+    accumulate(out, encoder_block_forward(batch * s, h, cfg.heads, cfg.mlp_dim, s), cfg.depth, "blocks/")
     if cfg.pool == "map":  # SigLIP attention pooling: one probe query per image (its q projection is batch-free)
         out["head/kv"] = matmul(batch * s, h, 2 * h)
         out["head/attention"] = 2 * matmul(batch * cfg.heads, h // cfg.heads, s)
@@ -136,12 +136,15 @@ def text_encoder_forward(cfg: Any, batch: int, seq_len: int, pooler: bool = Fals
     """``models/text_encoder.TextEncoder`` over ``[batch, seq_len]`` ids (+ the BERT pooler if ``pooler``)."""
     h = cfg.hidden
     out: dict[str, float] = {}
-    _add(out, encoder_block_forward(batch * seq_len, h, cfg.heads, cfg.mlp_dim, seq_len), cfg.depth, "blocks/")
+    accumulate(out, encoder_block_forward(batch * seq_len, h, cfg.heads, cfg.mlp_dim, seq_len), cfg.depth, "blocks/")
     if pooler and cfg.pooler:
         out["pooler"] = matmul(batch, h, h)
     return out
 
 
 def train_flops(forward: Mapping[str, float] | float) -> float:
-    """Forward matmul FLOPs x 3: forward + backward of one train step."""
-    return 3.0 * (sum(forward.values()) if isinstance(forward, Mapping) else float(forward))
+    """Forward matmul FLOPs x 3: forward + backward of one train step; parts named ``frozen/...`` (a frozen
+    teacher under stop_gradient: no backward) count once."""
+    if not isinstance(forward, Mapping):
+        return 3.0 * float(forward)
+    return sum(v * (1.0 if k.startswith("frozen/") else 3.0) for k, v in forward.items())

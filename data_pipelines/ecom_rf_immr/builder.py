@@ -76,6 +76,7 @@ class BuildSummary:
     seconds: float
     workers: int
     tasks: int
+    image_size: int | None = None  # images stored re-encoded at this shorter side (build(image_size=))
 
     @property
     def num_records(self) -> int:
@@ -151,9 +152,10 @@ class ManifestEncoder:
 
     bad_line_errors = (RecordError,)
 
-    def __init__(self, path: str, *, full_decode: bool = True):
+    def __init__(self, path: str, *, full_decode: bool = True, image_size: int | None = None):
         self._base_dir = os.path.dirname(os.path.abspath(path))
         self._full_decode = full_decode
+        self._image_size = image_size
         self._groups: dict[str, list[int]] = {}
 
     def record(self, line: bytes, split: str | None = None) -> schema.Record | None:
@@ -163,7 +165,7 @@ class ManifestEncoder:
             raise RecordError("blank line")
         if split is not None and fields["split"] != split:
             return None
-        return schema.load_record(fields, self._base_dir, full_decode=self._full_decode)
+        return schema.load_record(fields, self._base_dir, full_decode=self._full_decode, image_size=self._image_size)
 
     def encode(self, line: bytes) -> tuple[str, bytes]:
         record = self.record(line)
@@ -237,6 +239,7 @@ def build(
     target_shard_bytes: int = DEFAULT_TARGET_SHARD_BYTES,
     runner: str = "local",
     beam_options: Sequence[str] | None = None,
+    image_size: int | None = None,
 ) -> BuildSummary:
     """Build ArrayRecord shards + TFDS metadata from a JSONL manifest; returns the summary.
 
@@ -255,6 +258,9 @@ def build(
       progress: show a tqdm bar (stderr) and print the summary at the end.
       runner: "local" (this machine's worker pool) or "beam" (``build_beam``).
       beam_options: Beam pipeline options for ``runner="beam"`` (default: the DirectRunner).
+      image_size: store images re-encoded (JPEG 90) with the shorter side at most this many pixels, boxes
+        scaled (``schema.load_record``); recorded as ``image_size`` in ``build_summary.json``. The local
+        runner only.
     """
     t0 = time.time()
     manifest = os.path.abspath(os.fspath(manifest))
@@ -268,7 +274,11 @@ def build(
         raise BuildError(f"{final_dir} already exists (pass overwrite=True to replace it)")
     if os.path.getsize(manifest) == 0:
         raise BuildError(f"{manifest}: the manifest is empty")
+    if image_size is not None and (int(image_size) < 16):
+        raise ValueError(f"image_size must be >= 16 pixels, got {image_size}")
     if runner == "beam":
+        if image_size:
+            raise ValueError("image_size re-encoding runs with runner='local' only")
         return build_beam(manifest, out_dir, shards=shards, max_bad_fraction=max_bad_fraction,
                           full_decode=full_decode, overwrite=overwrite, progress=progress,
                           beam_options=beam_options)
@@ -284,13 +294,14 @@ def build(
             manifest=manifest, dataset_dir=res.path, records=dict(res.rows), shards=dict(res.shards),
             num_bytes=dict(res.num_bytes), num_lines=res.lines, num_skipped=res.skipped,
             skipped=[SkippedRecord(b.line, b.reason) for b in res.bad_lines], skipped_log=res.skipped_log,
-            seconds=time.time() - t0, workers=workers, tasks=len(res.ranges)))
+            seconds=time.time() - t0, workers=workers, tasks=len(res.ranges), image_size=image_size))
         with open(tmp_dir / "build_summary.json", "w", encoding="utf-8") as f:
             json.dump(summaries[-1].to_json(), f, ensure_ascii=False, indent=1)
 
     dataset = jsonl_convert.Dataset(
         name=DATASET_NAME, version=VERSION, files=[manifest],
-        encoder_factory=functools.partial(ManifestEncoder, full_decode=full_decode), features=_features(),
+        encoder_factory=functools.partial(ManifestEncoder, full_decode=full_decode, image_size=image_size),
+        features=_features(),
         description=DESCRIPTION, split_order=SPLITS, num_ranges=max(1, int(n_tasks)), on_written=on_written)
     try:
         jsonl_convert.convert([dataset], out_dir, workers=workers, max_bad_fraction=max_bad_fraction,

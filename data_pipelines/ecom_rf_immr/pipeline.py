@@ -1,10 +1,12 @@
 """grain pipeline for ECom-RF-IMMR: records -> augmented, normalised, tokenised batches.
 
 Per example (``RecordTransform``, a ``grain.transforms.RandomMap``; call it with ``rng=None`` for
-evaluation): decode the query and one item image (PIL; JPEGs decoded at a reduced scale when much
-larger than needed), random-resized-crop the query / optional box-aware crop of the item, resize to
-``image_size``, horizontal flip, colour jitter (all from the ``np.random.Generator`` grain passes),
-normalise, and tokenise the item text (title | category path | attributes) with any object that has
+evaluation): decode the query and one item image (``decode_rgb``: simplejpeg for JPEG, at a reduced DCT
+scale when much larger than needed), random-resized-crop the query / optional box-aware crop of the item
+and resize to ``image_size`` in one uint8 resampling pass, horizontal flip, colour jitter (all from the
+``np.random.Generator`` grain passes), normalise (``photometric``: on the host, or with
+``photometric="device"`` inside the jitted step), and tokenise the item text (title | category path |
+attributes, cached per text) with any object that has
 ``encode_batch(texts, max_len) -> (ids [n, max_len], mask [n, max_len])``.
 
 Example (per record) and batch (stacked, leading ``b``) layout:
@@ -12,8 +14,11 @@ Example (per record) and batch (stacked, leading ``b``) layout:
 =============  =============  ========  ==================================================
 key            shape          dtype     meaning
 =============  =============  ========  ==================================================
-query_image    [h, w, 3]      float32   normalised ``(x/255 - mean) / std``
-item_image     [h, w, 3]      float32   same; item image 0 in eval, a random one in train
+query_image    [h, w, 3]      float32   normalised ``(x/255 - mean) / std`` (``photometric="host"``)
+               [h, w, 3]      uint8     cropped, resized, flipped pixels (``"device"``)
+query_jitter   [3]            float32   ``"device"`` only: brightness, contrast, saturation factors
+item_image     [h, w, 3]      as above  item image 0 in eval, a random one in train
+item_jitter    [3]            float32   ``"device"`` only
 item_ids       [s]            int32     token ids of the item text, ``s = max_text_len``
 item_mask      [s]            bool      True on real tokens
 item_index     []             int64     the item's index (``item_index`` field of the record)
@@ -21,6 +26,9 @@ target_box     [4]            float32   [x0, y0, x1, y1] in [0, 1] of ``item_ima
 has_box        []             bool      False: no box for this item image (box is zeros)
 is_mosaic      []             bool      the item image is a mosaic canvas
 =============  =============  ========  ==================================================
+
+With ``"device"`` the step calls ``photometric(image, jitter, xp=jax.numpy)``: the same pixels as the host
+path (float32 rounding), a quarter of the bytes to move and no float work on the host.
 
 Composition with a trainer that owns shuffling and host sharding (``data_pipelines.loader``)::
 
@@ -48,9 +56,11 @@ from typing import Any, Protocol
 
 import grain
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from data_pipelines.ecom_rf_immr import schema
+from data_pipelines.loader import NoClock, StageClock
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,6 +93,9 @@ class TransformConfig:
     augment: AugmentConfig | None = None  # None: evaluation (deterministic)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # "host": images leave the pipeline float32, jittered and normalised. "device": uint8 pixels plus
+    # `*_jitter` factors [3]; the step applies `photometric` (4x fewer bytes to move, no host float work).
+    photometric: str = "host"
 
 
 def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -95,16 +108,36 @@ def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- image ops
 
 
-def decode_rgb(data: bytes, min_size: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode to an RGB PIL image; returns (image, original (width, height)).
+def jpeg_scale(width: int, height: int, min_size: tuple[int, int] | None) -> int:
+    """The largest power-of-two DCT reduction (1, 2, 4, 8) keeping both sides >= ``min_size`` (w, h): the
+    rule of Pillow's ``Image.draft``, so a JPEG decoded at it has exactly Pillow's pixels."""
+    if min_size is None:
+        return 1
+    limit = min(width // max(1, min_size[0]), height // max(1, min_size[1]))
+    return next((f for f in (8, 4, 2) if limit >= f), 1)
 
-    ``min_size`` (w, h): a JPEG may be decoded at a reduced DCT scale no smaller than this.
+
+def decode_rgb(data: bytes, min_size: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode to RGB uint8 [h, w, 3]; returns (pixels, original (width, height)).
+
+    JPEGs go through simplejpeg (libjpeg-turbo, ~2x Pillow's decode; ``benchmarks/jpeg_decoders.py``) at
+    the ``jpeg_scale`` reduction for ``min_size`` (w, h); other formats through Pillow.
     """
+    if data[:3] == b"\xff\xd8\xff":
+        try:
+            width, height = simplejpeg.decode_jpeg_header(data)[1::-1]
+        except ValueError:
+            pass  # not decodable by libjpeg-turbo's header reader: let Pillow try and name the problem
+        else:
+            f = jpeg_scale(width, height, min_size)
+            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=-(-width // f),
+                                            min_height=-(-height // f))
+            return pixels, (width, height)
     im = Image.open(io.BytesIO(data))
     orig = im.size
     if min_size is not None and im.format == "JPEG":
         im.draft("RGB", (max(1, min_size[0]), max(1, min_size[1])))
-    return im.convert("RGB"), orig
+    return np.asarray(im.convert("RGB")), orig
 
 
 def sample_crop(rng: np.random.Generator, scale: tuple[float, float], ratio: tuple[float, float],
@@ -135,26 +168,47 @@ def sample_crop(rng: np.random.Generator, scale: tuple[float, float], ratio: tup
     return (0.0, 0.0, 1.0, 1.0)
 
 
-def crop_resize(im: Image.Image, crop: tuple[float, float, float, float], size_hw: tuple[int, int]) -> np.ndarray:
-    """Relative crop resized to (h, w), as float32 [h, w, 3] in [0, 1]."""
+def crop_resize(im: Image.Image | np.ndarray, crop: tuple[float, float, float, float],
+                size_hw: tuple[int, int]) -> np.ndarray:
+    """Relative crop resized to (h, w) in one resampling pass on uint8 (Pillow bilinear, antialiased when
+    shrinking), uint8 [h, w, 3]."""
+    if isinstance(im, np.ndarray):
+        im = Image.fromarray(im)
     w, h = im.size
     box = (crop[0] * w, crop[1] * h, crop[2] * w, crop[3] * h)
-    out = im.resize((size_hw[1], size_hw[0]), Image.BILINEAR, box=box)
-    return np.asarray(out, np.float32) * (1.0 / 255.0)
+    return np.asarray(im.resize((size_hw[1], size_hw[0]), Image.BILINEAR, box=box))
 
 
-def color_jitter(img: np.ndarray, rng: np.random.Generator, brightness: float, contrast: float,
-                 saturation: float) -> np.ndarray:
-    """Brightness, contrast, saturation factors from [1 - a, 1 + a]; img float [h, w, 3] in [0, 1]."""
-    if brightness:
-        img = img * rng.uniform(1 - brightness, 1 + brightness)
-    if contrast:
-        mean = img.mean()
-        img = (img - mean) * rng.uniform(1 - contrast, 1 + contrast) + mean
-    if saturation:
-        grey = img.mean(axis=2, keepdims=True)
-        img = (img - grey) * rng.uniform(1 - saturation, 1 + saturation) + grey
-    return np.clip(img, 0.0, 1.0)
+def draw_jitter(rng: np.random.Generator, brightness: float, contrast: float, saturation: float) -> np.ndarray:
+    """Colour-jitter factors float32 [3] (brightness, contrast, saturation), each drawn from [1 - a, 1 + a]
+    in that order, 1 (and no draw) where a = 0."""
+    return np.asarray([rng.uniform(1 - a, 1 + a) if a else 1.0 for a in (brightness, contrast, saturation)],
+                      np.float32)
+
+
+def photometric(images, jitter, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                xp: Any = np):
+    """uint8 images [..., h, w, 3] -> float32, colour-jittered by ``jitter`` [..., 3] and normalised.
+
+    torchvision ColorJitter's order and formulas (without hue) on x = pixels / 255: brightness x*b; contrast
+    (x - m)*c + m, m the image's mean over all pixels and channels; saturation (x - g)*s + g, g the
+    per-pixel channel mean; clip to [0, 1]; then (x - mean) / std. ``jitter=None`` normalises only.
+    ``xp`` is numpy (the host path) or jax.numpy (inside the jitted step: ``data.photometric="device"``);
+    both give the same values to float32 rounding.
+    """
+    x = images.astype(xp.float32) * xp.float32(1 / 255)
+    if jitter is not None:
+        b, c, s = (jitter[..., k, None, None, None] for k in range(3))
+        x = x * b
+        m = x.mean(axis=(-3, -2, -1), keepdims=True)
+        x = (x - m) * c + m
+        g = x.mean(axis=-1, keepdims=True)
+        x = xp.clip((x - g) * s + g, 0.0, 1.0)
+    return ((x - xp.asarray(mean, xp.float32)) * xp.asarray(1 / np.asarray(std, np.float32))).astype(xp.float32)
+
+
+class RecordDecodeError(ValueError):
+    """An image of a stored record that does not decode (the message names the record)."""
 
 
 # ----------------------------------------------------------------------------- per-example transform
@@ -164,16 +218,27 @@ class RecordTransform(grain.transforms.RandomMap):
     """``schema.Record`` -> example dict (see the module docstring).
 
     ``random_map(record, rng)`` (grain) augments when the config has ``augment``;
-    ``transform(record, None)`` is the deterministic evaluation path.
+    ``transform(record, None)`` is the deterministic evaluation path. Item texts are tokenised once per
+    distinct text (a per-process cache of up to ``text_cache_size`` texts).
     """
+
+    text_cache_size = 1 << 17
 
     def __init__(self, config: TransformConfig, tokenizer: TextTokenizer):
         if not hasattr(tokenizer, "encode_batch"):
             raise TypeError(f"tokenizer {tokenizer!r} has no encode_batch(texts, max_len) method")
+        if config.photometric not in ("host", "device"):
+            raise ValueError(f"photometric must be 'host' or 'device', got {config.photometric!r}")
         self.config = config
         self.tokenizer = tokenizer
-        self._mean = np.asarray(config.mean, np.float32)
-        self._inv_std = 1.0 / np.asarray(config.std, np.float32)
+        self.clock: StageClock | NoClock = NoClock()
+        self._texts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __getstate__(self):
+        return {"config": self.config, "tokenizer": self.tokenizer}
+
+    def __setstate__(self, state):
+        self.__init__(state["config"], state["tokenizer"])
 
     def random_map(self, element: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         return self.transform(element, rng)
@@ -181,25 +246,57 @@ class RecordTransform(grain.transforms.RandomMap):
     def __call__(self, element: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         return self.transform(element, rng)
 
-    def _normalise(self, img: np.ndarray) -> np.ndarray:
-        return ((img - self._mean) * self._inv_std).astype(np.float32)
+    def encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int32 [s], mask bool [s]) of ``text``, read-only and cached."""
+        hit = self._texts.get(text)
+        if hit is None:
+            s = self.config.max_text_len
+            ids, mask = self.tokenizer.encode_batch([text], s)
+            ids = np.asarray(ids, np.int32).reshape(-1)
+            mask = np.asarray(mask).astype(bool).reshape(-1)
+            if ids.shape != (s,) or mask.shape != (s,):
+                raise ValueError(f"tokenizer returned ids {ids.shape} / mask {mask.shape} for max_len {s}")
+            ids.setflags(write=False)
+            mask.setflags(write=False)
+            hit = (ids, mask)
+            if len(self._texts) < self.text_cache_size:
+                self._texts[text] = hit
+        return hit
+
+    def _decode(self, record: Mapping[str, Any], data: bytes, what: str, min_size: tuple[int, int]):
+        try:
+            return decode_rgb(data, min_size)
+        except Exception as e:  # noqa: BLE001 -- decoders raise several types for corrupt data
+            raise RecordDecodeError(f"record query_id={record.get('query_id')!r} item_id={record.get('item_id')!r}: "
+                                    f"{what} cannot be decoded ({type(e).__name__}: {e})") from e
+
+    def _pixels(self, img: np.ndarray, jitter: np.ndarray | None) -> dict[str, np.ndarray]:
+        if self.config.photometric == "device":
+            return {"image": img, "jitter": np.ones(3, np.float32) if jitter is None else jitter}
+        return {"image": photometric(img, jitter, self.config.mean, self.config.std)}
 
     def transform(self, record: Mapping[str, Any], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
-        cfg = self.config
+        cfg, clock = self.config, self.clock
         size = cfg.image_size
         aug = cfg.augment if rng is not None else None
+        clock.start()
 
         # Query: random resized crop + flip + jitter in training.
         lo = aug.query_crop_scale[0] if aug else 1.0
         q_min = (math.ceil(size[1] / math.sqrt(lo)), math.ceil(size[0] / math.sqrt(lo)))
-        q_im, _ = decode_rgb(record["query_image"], q_min)
-        crop = (sample_crop(rng, aug.query_crop_scale, aug.query_crop_ratio, *q_im.size) if aug
+        q_px, _ = self._decode(record, record["query_image"], "query_image", q_min)
+        clock.mark("decode")
+        crop = (sample_crop(rng, aug.query_crop_scale, aug.query_crop_ratio, q_px.shape[1], q_px.shape[0]) if aug
                 else (0.0, 0.0, 1.0, 1.0))
-        query = crop_resize(q_im, crop, size)
+        query = crop_resize(q_px, crop, size)
+        clock.mark("crop_resize")
+        q_jitter = None
         if aug:
             if rng.random() < aug.hflip_prob:
                 query = query[:, ::-1]
-            query = color_jitter(query, rng, aug.brightness, aug.contrast, aug.saturation)
+            q_jitter = draw_jitter(rng, aug.brightness, aug.contrast, aug.saturation)
+        q_out = self._pixels(query, q_jitter)
+        clock.mark("augment")
 
         # Item image: image 0 (eval) or a random one; the box exists for image 0 only.
         images = record["item_images"]
@@ -207,37 +304,40 @@ class RecordTransform(grain.transforms.RandomMap):
         item_aug = aug if aug and aug.augment_item else None
         i_lo = item_aug.item_crop_scale[0] if item_aug and item_aug.item_crop_scale else 1.0
         i_min = (math.ceil(size[1] / math.sqrt(i_lo)), math.ceil(size[0] / math.sqrt(i_lo)))
-        i_im, (ow, oh) = decode_rgb(images[j], i_min)
+        clock.mark("augment")
+        i_px, (ow, oh) = self._decode(record, images[j], f"item_images[{j}]", i_min)
+        clock.mark("decode")
         has_box = bool(record["has_box"]) and j == 0
         box = (np.asarray(record["target_box"], np.float32) / np.asarray([ow, oh, ow, oh], np.float32)
                if has_box else np.zeros(4, np.float32))
         crop = (0.0, 0.0, 1.0, 1.0)
         if item_aug and item_aug.item_crop_scale:
-            crop = sample_crop(rng, item_aug.item_crop_scale, item_aug.item_crop_ratio, *i_im.size,
+            crop = sample_crop(rng, item_aug.item_crop_scale, item_aug.item_crop_ratio, i_px.shape[1], i_px.shape[0],
                                must_contain=box if has_box else None)
-        item = crop_resize(i_im, crop, size)
+        item = crop_resize(i_px, crop, size)
+        clock.mark("crop_resize")
         if has_box:
             cx0, cy0, cx1, cy1 = crop
             box = (box - np.asarray([cx0, cy0, cx0, cy0], np.float32)) / np.asarray(
                 [cx1 - cx0, cy1 - cy0, cx1 - cx0, cy1 - cy0], np.float32)
             box = np.clip(box, 0.0, 1.0)
+        i_jitter = None
         if item_aug:
             if rng.random() < item_aug.hflip_prob:
                 item = item[:, ::-1]
                 if has_box:
                     box = np.asarray([1 - box[2], box[1], 1 - box[0], box[3]], np.float32)
-            item = color_jitter(item, rng, item_aug.brightness, item_aug.contrast, item_aug.saturation)
+            i_jitter = draw_jitter(rng, item_aug.brightness, item_aug.contrast, item_aug.saturation)
+        i_out = self._pixels(item, i_jitter)
+        clock.mark("augment")
 
-        text = schema.item_text(record["title"], list(record["category"]), list(record["attribute_keys"]),
-                                list(record["attribute_values"]))
-        ids, mask = self.tokenizer.encode_batch([text], cfg.max_text_len)
-        ids = np.asarray(ids, np.int32).reshape(-1)
-        mask = np.asarray(mask).astype(bool).reshape(-1)
-        if ids.shape != (cfg.max_text_len,) or mask.shape != (cfg.max_text_len,):
-            raise ValueError(f"tokenizer returned ids {ids.shape} / mask {mask.shape} for max_len {cfg.max_text_len}")
+        ids, mask = self.encode_text(schema.item_text(record["title"], list(record["category"]),
+                                                      list(record["attribute_keys"]),
+                                                      list(record["attribute_values"])))
+        clock.mark("tokenise")
         return {
-            "query_image": self._normalise(query),
-            "item_image": self._normalise(item),
+            **{f"query_{k}": v for k, v in q_out.items()},
+            **{f"item_{k}": v for k, v in i_out.items()},
             "item_ids": ids,
             "item_mask": mask,
             "item_index": np.int64(record["item_index"]),
@@ -249,11 +349,11 @@ class RecordTransform(grain.transforms.RandomMap):
 
 def make_transform(*, image_size: int | Sequence[int], tokenizer: TextTokenizer, max_text_len: int, train: bool,
                    augment: AugmentConfig | None = None, mean: Sequence[float] = IMAGENET_MEAN,
-                   std: Sequence[float] = IMAGENET_STD) -> RecordTransform:
+                   std: Sequence[float] = IMAGENET_STD, photometric: str = "host") -> RecordTransform:
     """The per-example ``transform(record, rng)``; ``train=False`` ignores ``augment``."""
     cfg = TransformConfig(image_size=_hw(image_size), max_text_len=int(max_text_len),
                           augment=(augment or AugmentConfig()) if train else None,
-                          mean=tuple(mean), std=tuple(std))
+                          mean=tuple(mean), std=tuple(std), photometric=photometric)
     return RecordTransform(cfg, tokenizer)
 
 
@@ -434,6 +534,7 @@ def make_pipeline(
     mosaic_block_size: int | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    photometric: str = "host",
 ) -> grain.MapDataset:
     """A ``grain.MapDataset`` of examples (``batch_size=None``) or batches.
 
@@ -445,7 +546,7 @@ def make_pipeline(
     ``MosaicGroupedOrder``).
     """
     transform = make_transform(image_size=image_size, tokenizer=tokenizer, max_text_len=max_text_len, train=train,
-                               augment=augment, mean=mean, std=std)
+                               augment=augment, mean=mean, std=std, photometric=photometric)
     shuffle = train if shuffle is None else shuffle
     if mosaic_grouping:
         block = mosaic_block_size or batch_size

@@ -317,9 +317,30 @@ def read_image_file(base_dir: str, path: str, *, what: str, full_decode: bool = 
     return data, width, height
 
 
-def load_record(fields: dict[str, Any], base_dir: str, *, full_decode: bool = True) -> Record:
-    """Read and verify the image files of a parsed manifest object; returns the stored record."""
-    query, _, _ = read_image_file(base_dir, fields["query_image"], what="query_image", full_decode=full_decode)
+def shrink_image(data: bytes, width: int, height: int, shorter_side: int, *, quality: int = 90) -> bytes:
+    """``data`` re-encoded as JPEG (``quality``) with its shorter side resized to ``shorter_side`` (Pillow
+    bilinear, antialiased); unchanged when it is already no larger."""
+    from PIL import Image
+
+    if min(width, height) <= shorter_side:
+        return data
+    scale = shorter_side / min(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    with Image.open(io.BytesIO(data)) as im:
+        out = io.BytesIO()
+        im.convert("RGB").resize(size, Image.BILINEAR).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def load_record(fields: dict[str, Any], base_dir: str, *, full_decode: bool = True,
+                image_size: int | None = None) -> Record:
+    """Read and verify the image files of a parsed manifest object; returns the stored record.
+
+    ``image_size``: images whose shorter side is larger are stored re-encoded at that shorter side
+    (``shrink_image``; the target box scaled with item image 0): decode and resize cost then scale with
+    the training resolution, not the catalogue's.
+    """
+    query, qw, qh = read_image_file(base_dir, fields["query_image"], what="query_image", full_decode=full_decode)
     images, sizes = [], []
     for j, p in enumerate(fields["item_images"]):
         data, w, h = read_image_file(base_dir, p, what=f"item_images[{j}]", full_decode=full_decode)
@@ -330,6 +351,14 @@ def load_record(fields: dict[str, Any], base_dir: str, *, full_decode: bool = Tr
         w, h = sizes[0]
         if box[0] < 0 or box[1] < 0 or box[2] > w or box[3] > h:
             raise RecordError(f"target_box {box} lies outside item_images[0] ({w}x{h} pixels)")
+    if image_size:
+        query = shrink_image(query, qw, qh, image_size)
+        images = [shrink_image(d, w, h, image_size) for d, (w, h) in zip(images, sizes)]
+        w, h = sizes[0]
+        if box is not None and min(w, h) > image_size:
+            s = image_size / min(w, h)
+            nw, nh = max(1, round(w * s)), max(1, round(h * s))
+            box = [box[0] * nw / w, box[1] * nh / h, box[2] * nw / w, box[3] * nh / h]
     return Record(
         query_image=query,
         query_id=fields["query_id"],

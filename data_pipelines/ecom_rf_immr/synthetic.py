@@ -487,6 +487,7 @@ def synthesize(
     test_fraction: float = 0.25,
     val_fraction: float = 0.0,
     mosaic_fraction: float = 0.4,
+    image_format: str = "JPEG",
 ) -> Path:
     """Write a synthetic ECom-RF-IMMR manifest + images under ``out_dir``; returns the manifest path.
 
@@ -494,9 +495,14 @@ def synthesize(
     with ``val_fraction``, else train). Train queries are paired with the item's normal images, or,
     with ``mosaic_fraction``, with a shared training mosaic (``mosaic_id``, 3-5 products of different
     categories, each a target). Val/test queries give one normal and one mosaic pair each.
+    Queries are JPEG (phone photos); item images and mosaic canvases ``image_format`` ("JPEG", quality
+    90, as real catalogues store them, or "PNG").
     """
     if items < 1 or queries_per_item < 1:
         raise ValueError("items and queries_per_item must be >= 1")
+    if image_format not in ("JPEG", "PNG"):
+        raise ValueError(f"image_format must be 'JPEG' or 'PNG', got {image_format!r}")
+    ext = {"JPEG": "jpg", "PNG": "png"}[image_format]
     if not 16 <= image_size <= 4096:
         raise ValueError(f"image_size must be in [16, 4096], got {image_size}")
     out = Path(out_dir)
@@ -525,7 +531,7 @@ def synthesize(
             img, box = render_item_image(spec, rng, image_size, view=j)
             if j == 0:
                 item_box.append(box)
-            paths.append(write(f"images/items/{item_ids[i]}_{j}.png", img, "PNG"))
+            paths.append(write(f"images/items/{item_ids[i]}_{j}.{ext}", img, image_format))
         item_images.append(paths)
 
     # Queries and their splits.
@@ -588,7 +594,7 @@ def synthesize(
         specs_idx += distractors([catalogue[i].category for i in specs_idx], target_size - len(members), rng)
         img, boxes = render_mosaic([catalogue[i] for i in specs_idx], rng, image_size)
         mosaic_id = f"mtrain{m:06d}"
-        path = write(f"images/mosaics/{mosaic_id}.png", img, "PNG")
+        path = write(f"images/mosaics/{mosaic_id}.{ext}", img, image_format)
         for (i, k), box in zip(members, boxes):
             rec = base_record(i, k, "train")
             rec.update(item_images=[path], layout="mosaic", target_box=box, mosaic_id=mosaic_id)
@@ -609,7 +615,7 @@ def synthesize(
                 idx = [i] + distractors([catalogue[i].category], n_dis, rng)
                 img, boxes = render_mosaic([catalogue[j] for j in idx], rng, image_size)
                 mosaic_id = f"m{split}{i:06d}"
-                eval_mosaic[(split, i)] = (write(f"images/mosaics/{mosaic_id}.png", img, "PNG"), boxes[0])
+                eval_mosaic[(split, i)] = (write(f"images/mosaics/{mosaic_id}.{ext}", img, image_format), boxes[0])
             path, box = eval_mosaic[(split, i)]
             rec = base_record(i, k, split)
             rec.update(item_images=[path], layout="mosaic", target_box=box, mosaic_id=f"m{split}{i:06d}")

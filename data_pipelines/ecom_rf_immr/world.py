@@ -3,7 +3,7 @@ a negative item text per example, and the evaluation sets.
 
     root = dataset_root(config.data)       # data.root, else synthesised once into the ecomax cache
     tok = load_tokenizer(config.data.tokenizer or root / "spm.model", max_vocab=config.model.text.vocab_size)
-    source, transform = training_source(open_split(root / "data", "train"), base_transform, tok, config.data, ...)
+    source, transform = training_source(open_split(root / "data", "train"), base_transform, config.data, ...)
 
 A dataset folder holds ``data/`` (the built ArrayRecord dataset, ``builder.build``) and ``spm.model`` (a
 sentencepiece model on the training item texts). With ``data.root`` empty it is synthesised once per
@@ -57,16 +57,17 @@ class Indexed:
 
 
 class NegativeTextTransform(grain.transforms.RandomMap):
-    """The ECom-RF-IMMR ``RecordTransform`` plus a negative item text per example.
+    """The ECom-RF-IMMR ``RecordTransform`` plus a negative item text per example (tokenised by the base's
+    cached ``encode_text``).
 
     Adds ``neg_ids [s] int32``, ``neg_mask [s] bool``, ``neg_index [] int64``: the text of another
     target on the same mosaic canvas (``mosaic_grouping`` and a canvas record) or of a random other
     training record (another product).
     """
 
-    def __init__(self, base, source, groups: np.ndarray, item_index: np.ndarray, *, mosaic_grouping: bool,
-                 tokenizer, max_text_len: int):
-        self.base, self.source, self.tokenizer, self.max_text_len = base, source, tokenizer, max_text_len
+    def __init__(self, base, texts: Mapping[int, str], groups: np.ndarray, item_index: np.ndarray, *,
+                 mosaic_grouping: bool):
+        self.base, self.texts = base, dict(texts)
         self.groups, self.item_index = np.asarray(groups), np.asarray(item_index)
         self.mosaic_grouping = mosaic_grouping
         self.members: dict[int, np.ndarray] = {}
@@ -91,10 +92,11 @@ class NegativeTextTransform(grain.transforms.RandomMap):
 
     def random_map(self, element: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         example = self.base(element, rng)
+        self.base.clock.start()
         j = self._negative(int(element["_index"]), rng)
-        ids, mask = self.tokenizer.encode_batch([record_text(self.source[j])], self.max_text_len)
-        example.update(neg_ids=np.asarray(ids[0], np.int32), neg_mask=np.asarray(mask[0], bool),
-                       neg_index=np.int64(self.item_index[j]))
+        ids, mask = self.base.encode_text(self.texts[int(self.item_index[j])])
+        example.update(neg_ids=ids, neg_mask=mask, neg_index=np.int64(self.item_index[j]))
+        self.base.clock.mark("negative_text")
         return example
 
     def __call__(self, element, rng: np.random.Generator | None = None):
@@ -102,14 +104,14 @@ class NegativeTextTransform(grain.transforms.RandomMap):
 
 
 def build_synthetic(folder: pathlib.Path, *, items: int, queries_per_item: int, seed: int, image_size: int,
-                    vocab_size: int) -> None:
+                    vocab_size: int, image_format: str = "JPEG") -> None:
     """synthesize + build + a sentencepiece model on the training item texts, into ``folder``."""
     from data_pipelines.ecom_rf_immr import build, synthesize  # noqa: PLC0415
     from data_pipelines.ecom_rf_immr.builder import open_split  # noqa: PLC0415
     from data_pipelines.tokenizer import train_sentencepiece  # noqa: PLC0415
 
     manifest = synthesize(folder / "raw", items=items, queries_per_item=queries_per_item, seed=seed,
-                          image_size=image_size)
+                          image_size=image_size, image_format=image_format)
     build(manifest, folder / "data", workers=1, progress=False)
     train = open_split(folder / "data", "train")
     texts = sorted({record_text(r) for r in train})
@@ -118,13 +120,15 @@ def build_synthetic(folder: pathlib.Path, *, items: int, queries_per_item: int, 
 
 def dataset_root(data: Any) -> pathlib.Path:
     """``data.root`` (a folder with ``data/`` and ``spm.model``), else the synthetic dataset of ``data``
-    (``num_items``, ``queries_per_item``, ``synth_seed``, ``synth_image_size``, ``vocab_size``), built once."""
+    (``num_items``, ``queries_per_item``, ``synth_seed``, ``synth_image_size``, ``synth_image_format``,
+    ``vocab_size``), built once."""
     if data.get("root"):
         return pathlib.Path(data.root)
     from data_pipelines.cache import cached_dataset  # noqa: PLC0415
 
     params = {"items": data.num_items, "queries_per_item": data.queries_per_item, "seed": data.synth_seed,
-              "image_size": data.synth_image_size, "vocab_size": data.vocab_size, "version": SYNTHETIC_VERSION}
+              "image_size": data.synth_image_size, "vocab_size": data.vocab_size, "version": SYNTHETIC_VERSION,
+              "image_format": data.get("synth_image_format", "jpeg").upper()}
     build = {k: v for k, v in params.items() if k != "version"}
     return cached_dataset("ecom_rf_immr_synth", params, functools.partial(build_synthetic, **build))
 
@@ -147,25 +151,28 @@ def open_split(root: str | pathlib.Path, split: str):
 
 
 def record_transform(data: Any, tokenizer, *, train: bool):
-    """The per-record ``RecordTransform`` of ``data`` (``image_size``, ``max_text_len``, ``query_crop_scale``):
-    augmented query crops, flips and item augmentation when ``train``."""
+    """The per-record ``RecordTransform`` of ``data`` (``image_size``, ``max_text_len``, ``query_crop_scale``,
+    ``photometric``): augmented query crops, flips and item augmentation when ``train``."""
     from data_pipelines.ecom_rf_immr.pipeline import AugmentConfig, make_transform  # noqa: PLC0415
 
     aug = AugmentConfig(query_crop_scale=tuple(data.query_crop_scale), hflip_prob=0.5, augment_item=True)
     return make_transform(image_size=data.image_size, tokenizer=tokenizer, max_text_len=data.max_text_len,
-                          train=train, augment=aug)
+                          train=train, augment=aug, photometric=data.get("photometric", "host"))
 
 
-def training_source(src, base_transform, tokenizer, data: Any, *, batch_size: int, steps: int,
+def training_source(src, base_transform, data: Any, *, batch_size: int, steps: int,
                     seed: int) -> tuple[Any, NegativeTextTransform]:
     """The training records of ``src`` (without mosaic canvases unless ``data.mosaic_training``), mosaic-grouped
     into global batches of ``batch_size`` when ``data.mosaic_batches`` (enough epochs for ``steps``), and
     ``base_transform`` with a negative text per example."""
     groups = src.mosaic_group_ids()
-    item_index = np.asarray([r["item_index"] for r in src], np.int64)
+    item_index, texts = [], {}
+    for r in src:  # one pass: every record's item, and each item's text (negatives read no record again)
+        item_index.append(r["item_index"])
+        texts.setdefault(int(r["item_index"]), record_text(r))
+    item_index = np.asarray(item_index, np.int64)
     keep = np.arange(len(src)) if data.mosaic_training else np.nonzero(groups < 0)[0]
-    transform = NegativeTextTransform(base_transform, src, groups, item_index, mosaic_grouping=data.mosaic_grouping,
-                                      tokenizer=tokenizer, max_text_len=data.max_text_len)
+    transform = NegativeTextTransform(base_transform, texts, groups, item_index, mosaic_grouping=data.mosaic_grouping)
     source = Indexed(src, keep)
     if data.get("mosaic_batches", False):
         # The paper's Mosaic training: the items of one canvas land in the same global batch, so each is

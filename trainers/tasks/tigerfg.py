@@ -38,9 +38,11 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines.ecom_rf_immr import world
+from data_pipelines.ecom_rf_immr.pipeline import photometric
 from models.text_encoder import TextEncoderConfig, l2_normalize, mean_pool
 from models.tigerfg import TigerFGConfig, box_patch_mask, build_model, crop_boxes, teacher_vit
 from models.vit import ViT, ViTConfig
+from trainers.flops import accumulate, matmul, text_encoder_forward, vit_forward
 from trainers.losses import i2v_loss, q2i_loss, sdd_loss, srd_loss, v2t_loss
 from trainers.tasks import Batch, EvalContext, Metrics, Task, Tower, register
 
@@ -50,14 +52,20 @@ LAYOUTS = ("normal", "mosaic")
 # --- serving functions (module level: stable identities for EvalContext.apply's cache) ------------------
 
 
+def pixels(images: jax.Array, jitter: jax.Array | None = None) -> jax.Array:
+    """Model input from a batch's images: uint8 [b, h, w, 3] (``data.photometric="device"``) are colour-jittered
+    by ``jitter`` [b, 3] and normalised here, inside the step; float32 ones come normalised from the host."""
+    return photometric(images, jitter, xp=jnp) if images.dtype == jnp.uint8 else images
+
+
 def embed_queries(model, images: jax.Array) -> jax.Array:
-    """Query tower: images [b, h, w, 3] -> [b, D]."""
-    return model.embed_query(images)
+    """Query tower: images [b, h, w, 3] (uint8 pixels or normalised float) -> [b, D]."""
+    return model.embed_query(pixels(images))
 
 
 def embed_items(model, images: jax.Array, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    """Item tower: images [b, h, w, 3], ids/mask [b, s] -> [b, D]."""
-    return model.embed_item(images, ids, mask)
+    """Item tower: images [b, h, w, 3] (uint8 pixels or normalised float), ids/mask [b, s] -> [b, D]."""
+    return model.embed_item(pixels(images), ids, mask)
 
 
 # --- the task -------------------------------------------------------------------------------------------
@@ -106,12 +114,14 @@ class TigerFGTask(Task):
     def loss(self, model, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         w = self.config.loss
         scale = jnp.exp(jnp.minimum(model.logit_scale[...].astype(jnp.float32), jnp.log(100.0)))
-        q = model.embed_query(batch["query_image"])
+        query_image = pixels(batch["query_image"], batch.get("query_jitter"))
+        item_image = pixels(batch["item_image"], batch.get("item_jitter"))
+        q = model.embed_query(query_image)
         use_hard = model.uses_text and w.hard_negatives
         valid = batch["has_box"].astype(bool)
         box = batch["target_box"]
         target = jnp.where(valid[:, None], box, jnp.array([0.0, 0.0, 1.0, 1.0], box.dtype))  # no box: the image
-        images = batch["item_image"]
+        images = item_image
         if w.get("item_view", "image") == "box_crop":  # a teacher's training: the item tower sees the boxed target
             images = crop_boxes(images, target)
         out = model.item_outputs(images, batch["item_ids"], batch["item_mask"],
@@ -130,15 +140,15 @@ class TigerFGTask(Task):
         if w.srd or w.sdd:
             teacher = (model.teacher if self.teacher_in_params
                        else teacher_vit(self.teacher_config(), self.config.teacher.seed, dtype=q.dtype))
-            t_tokens = jax.lax.stop_gradient(teacher(batch["item_image"]))
+            t_tokens = jax.lax.stop_gradient(teacher(item_image))
             t_patches = teacher.patch_tokens(t_tokens)
             box_mask = box_patch_mask(box, self.teacher_config().grid)
             if w.srd:
                 terms["srd"] = srd_loss(out["patches"], t_patches, box_mask, valid)
             if w.sdd:
-                t_query = l2_normalize(jax.lax.stop_gradient(teacher.pooled(batch["query_image"])).astype(jnp.float32))
+                t_query = l2_normalize(jax.lax.stop_gradient(teacher.pooled(query_image)).astype(jnp.float32))
                 if self.config.teacher.get("region", "crop") == "crop":  # the teacher embeds the boxed target
-                    t_region = teacher.pooled(crop_boxes(batch["item_image"], target))
+                    t_region = teacher.pooled(crop_boxes(item_image, target))
                 else:  # "patches": the mean of its patch tokens in the box (one teacher pass less)
                     t_region = mean_pool(t_patches, jnp.where(valid[:, None], box_mask, 1.0))
                 t_region = l2_normalize(jax.lax.stop_gradient(t_region).astype(jnp.float32))
@@ -167,7 +177,7 @@ class TigerFGTask(Task):
 
     def train_source(self):
         t = self.config.train
-        source, transform = world.training_source(self._split("train"), self.transform(train=True), self.tokenizer,
+        source, transform = world.training_source(self._split("train"), self.transform(train=True),
                                                   self.config.data, batch_size=t.batch_size, steps=t.steps,
                                                   seed=self.config.seed)
         if self.config.data.get("mosaic_batches", False):
@@ -177,13 +187,31 @@ class TigerFGTask(Task):
     def inputs(self) -> dict[str, jax.ShapeDtypeStruct]:
         """One example's shapes from the config alone (no data needed to compile)."""
         d = self.config.data
-        img = jax.ShapeDtypeStruct((d.image_size, d.image_size, 3), np.float32)
+        on_device = d.get("photometric", "host") == "device"  # uint8 pixels + jitter factors, normalised in the step
+        img = jax.ShapeDtypeStruct((d.image_size, d.image_size, 3), np.uint8 if on_device else np.float32)
         txt = lambda dt: jax.ShapeDtypeStruct((d.max_text_len,), dt)  # noqa: E731
         one = lambda dt, *s: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+        jitter = {"query_jitter": one(np.float32, 3), "item_jitter": one(np.float32, 3)} if on_device else {}
         return {"query_image": img, "item_image": img, "item_ids": txt(np.int32), "item_mask": txt(np.bool_),
                 "item_index": one(np.int32), "target_box": one(np.float32, 4), "has_box": one(np.bool_),
                 "is_mosaic": one(np.bool_), "neg_ids": txt(np.int32), "neg_mask": txt(np.bool_),
-                "neg_index": one(np.int32)}
+                "neg_index": one(np.int32), **jitter}
+
+    def forward_flops(self, batch_size: int) -> dict[str, float]:
+        """Encoder matmuls of one step (query ViT, item ViT, item + negative texts, the q2i logits) and the
+        frozen teacher's passes (``frozen/``: forward only); the slot fusion and box terms are left out."""
+        m, w, b = self.model_config(), self.config.loss, batch_size
+        out: dict[str, float] = {}
+        accumulate(out, vit_forward(m.query_vit, b), prefix="query_vit/")
+        accumulate(out, vit_forward(m.item_vit, b), prefix="item_vit/")
+        if m.name != "clip":
+            texts = 2 if w.hard_negatives else 1
+            accumulate(out, text_encoder_forward(m.text, b, self.config.data.max_text_len), texts, "text/")
+        out["loss/logits"] = 2 * matmul(b, m.embed_dim, b)
+        if w.srd or w.sdd:
+            passes = 1 + (2 if w.sdd and self.config.teacher.get("region", "crop") == "crop" else w.sdd > 0)
+            accumulate(out, vit_forward(self.teacher_config(), b), passes, "frozen/teacher/")
+        return out
 
     # serving and evaluation -------------------------------------------------------------------------
 
