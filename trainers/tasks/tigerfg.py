@@ -209,7 +209,8 @@ class TigerFGTask(Task):
             accumulate(out, text_encoder_forward(m.text, b, self.config.data.max_text_len), texts, "text/")
         out["loss/logits"] = 2 * matmul(b, m.embed_dim, b)
         if w.srd or w.sdd:
-            passes = 1 + (2 if w.sdd and self.config.teacher.get("region", "crop") == "crop" else w.sdd > 0)
+            crop = self.config.teacher.get("region", "crop") == "crop"
+            passes = 1 + (bool(w.sdd) + (bool(w.sdd) and crop))  # item image; query and box crop for L_SDD
             accumulate(out, vit_forward(self.teacher_config(), b), passes, "frozen/teacher/")
         return out
 
