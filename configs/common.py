@@ -38,12 +38,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                  # -1: all remaining devices
     c.mesh.fsdp = 1
+    c.mesh.expert = 1                 # expert parallelism (sparse MoE layers); carries batch elsewhere
     c.mesh.tensor = 1
 
     # Logical axis name -> mesh axes ("a,b"; "" replicates). Parameters and activations use the same rules.
     c.sharding = ml_collections.ConfigDict()
     c.sharding.rules = ml_collections.ConfigDict({
-        "batch": "fsdp,data", "embed": "fsdp", "mlp": "tensor", "heads": "tensor", "kv": "",
+        "batch": "fsdp,data,expert", "embed": "fsdp", "mlp": "tensor", "heads": "tensor", "kv": "",
+        "expert": "expert",   # sparse MoE: experts over the `expert` mesh axis (models/moe.py)
         "vocab": "tensor", "seq": "", "patch": "", "channels": "", "classes": "",
     })
 

@@ -46,7 +46,7 @@ from typing import Any
 
 EXIT_CONFIG_ERROR = 2
 EXIT_DOES_NOT_FIT = 1
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")  # trainers.mesh.MESH_AXES (not imported: JAX starts later)
 
 
 class BenchError(ValueError):
@@ -57,8 +57,9 @@ class BenchError(ValueError):
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """``"data=2,fsdp=4,tensor=1"`` -> ``{"data": 2, "fsdp": 4, "tensor": 1}`` (missing axes are 1; -1 allowed once)."""
-    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    """``"data=2,fsdp=4,tensor=1"`` -> ``{"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}`` (missing axes are 1;
+    -1 allowed once)."""
+    sizes = {a: 1 for a in MESH_AXES}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
         name = name.strip()

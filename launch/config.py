@@ -171,7 +171,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"train.compute_dtype must be float32, bfloat16 or float16, got {train.compute_dtype!r}")
     if config.optimizer.schedule not in ("cosine", "constant", "linear"):
         raise ConfigError(f"optimizer.schedule must be cosine, constant or linear, got {config.optimizer.schedule!r}")
-    sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+    sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.get("expert", 1), config.mesh.tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(f"mesh sizes {sizes}: each must be positive, and at most one may be -1")
     batch = [a.strip() for a in config.get("sharding", {}).get("rules", {}).get("batch", "").split(",")]
@@ -180,6 +180,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           "in matmuls with fsdp-sharded weights under this order (wrong gradients); use 'fsdp,data'")
     for name, axes in config.get("sharding", {}).get("rules", {}).items():
         for axis in filter(None, axes.split(",")):
-            if axis.strip() not in ("data", "fsdp", "tensor"):
+            if axis.strip() not in ("data", "fsdp", "expert", "tensor"):
                 raise ConfigError(f"sharding.rules.{name}={axes!r}: unknown mesh axis {axis!r} "
-                                  "(use data, fsdp, tensor)")
+                                  "(use data, fsdp, expert, tensor)")

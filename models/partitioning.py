@@ -30,7 +30,8 @@ LogicalAxes = Sequence[str | None]
 
 # Names the models in this repository use. A rule set may name more; a model may not use fewer-known ones
 # silently: `logical_to_spec` accepts any name, the trainer's config check lists unknown ones.
-LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv", "vocab", "patch", "channels", "classes", "layers", "relpos")
+LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv", "vocab", "patch", "channels", "classes", "layers", "relpos",
+                "expert")
 
 
 def logical_to_spec(axes: LogicalAxes, rules: Rules) -> PartitionSpec:
@@ -111,6 +112,11 @@ def active_mesh() -> Mesh | None:
     """The mesh of the enclosing ``activation_rules`` (the trainer's step), or None in plain calls."""
     active = _ACTIVE.get()
     return None if active is None else active[0]
+
+
+def active() -> tuple[Mesh, Rules] | None:
+    """``(mesh, rules)`` of the enclosing ``activation_rules``, or None in plain calls."""
+    return _ACTIVE.get()
 
 
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:

@@ -112,7 +112,7 @@ def test_aot_compiles_for_a_mesh_without_running(tmp_path, capsys):
     args.config = str(bench.pathlib.Path(__file__).resolve().parents[1] / "configs/two_tower.py") + ":tiny"
     assert args.func(args) == bench.EXIT_DOES_NOT_FIT  # 100 KiB is too small: the check works
     r = json.loads(out.read_text())
-    assert r["aot"] and r["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and r["num_devices"] == 8
+    assert r["aot"] and r["mesh"] == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1} and r["num_devices"] == 8
     assert r["fits"] is False and r["memory_per_device"]["total_bytes"] > r["memory_limit_bytes"]
     assert "step_time_s" not in r
     printed = capsys.readouterr().out

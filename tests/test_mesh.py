@@ -10,7 +10,8 @@ from trainers.mesh import BATCH_AXES, make_mesh, parse_rules, resolve_mesh_shape
 
 
 def test_resolve_mesh_shape_fills_minus_one_and_checks_the_product():
-    assert resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
+    assert resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 1, 2)   # expert absent: 1
+    assert resolve_mesh_shape({"data": 1, "fsdp": 1, "expert": -1, "tensor": 2}, 8) == (1, 1, 4, 2)
     with pytest.raises(ValueError, match="needs 4 devices, 8 are available"):
         resolve_mesh_shape({"data": 1, "fsdp": 2, "tensor": 2}, 8)
     with pytest.raises(ValueError, match="not divisible by 3"):
@@ -22,7 +23,7 @@ def test_rules_map_logical_names_and_use_each_mesh_axis_once():
     assert logical_to_spec(("batch", "seq", "embed"), rules) == P(("fsdp", "data"), None, None)
     assert logical_to_spec(("embed", "mlp"), rules) == P("fsdp", "tensor")
     assert logical_to_spec(("unknown", None), rules) == P(None, None)
-    assert make_mesh({"data": 2, "fsdp": 2, "tensor": 2}).axis_types == (jax.sharding.AxisType.Auto,) * 3
+    assert make_mesh({"data": 2, "fsdp": 2, "tensor": 2}).axis_types == (jax.sharding.AxisType.Auto,) * 4
 
 
 @pytest.mark.parametrize("batch_axes,correct", [(BATCH_AXES, True), (("data", "fsdp"), False)])

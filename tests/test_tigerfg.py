@@ -150,7 +150,7 @@ def test_base_config_lowers_and_compiles_on_8_fake_devices(tmp_path):
     config = load_test_config("configs/tigerfg.py:base", "mesh.data=2", "mesh.fsdp=4", "train.batch_size=16")
     assert config.train.batch_size == 16 and config.train.compute_dtype == "bfloat16"
     trainer = Trainer.create(config, tmp_path)
-    assert trainer.mesh.shape == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert trainer.mesh.shape == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
     query = trainer.spec.abstract_params["query"]
     assert _count(query["vit"]) == 85_798_656 and query["proj"]["kernel"].shape == (768, 256)
     t0 = time.perf_counter()

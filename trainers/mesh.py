@@ -1,4 +1,7 @@
-"""The device mesh (``data`` x ``fsdp`` x ``tensor``, Auto axes) and the config's sharding rules."""
+"""The device mesh (``data`` x ``fsdp`` x ``expert`` x ``tensor``, Auto axes) and the config's sharding rules.
+
+``expert`` is the expert-parallel axis of sparse MoE layers (``models/moe.py``): outside them it carries
+batch like ``data``; inside, the experts are split over it. Size 1 unless a config asks for it."""
 
 from __future__ import annotations
 
@@ -10,25 +13,28 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from models.partitioning import Rules
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # The batch dimension of every input is split over the data-parallel axes, fsdp-major: with
 # ("data", "fsdp") the SPMD partitioner of jaxlib 0.10.2 swaps batch rows in matmuls whose other operand
 # is sharded over fsdp when fsdp and tensor have equal sizes (e.g. 2x2x2), silently corrupting
-# gradients; ("fsdp", "data") partitions the same work correctly. README: Known issues.
-BATCH_AXES = ("fsdp", "data")
+# gradients; ("fsdp", "data") partitions the same work correctly. README: Known issues. The expert axis
+# comes last: it carries batch outside the MoE layers.
+BATCH_AXES = ("fsdp", "data", "expert")
 
 DEFAULT_RULES = {
-    "batch": "fsdp,data",
+    "batch": "fsdp,data,expert",
     "embed": "fsdp",
+    "expert": "expert",
     "mlp": "tensor",
     "heads": "tensor",
     "vocab": "tensor",
 }
 
 
-def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
-    """Fill a -1 axis with the remaining devices; check the product equals ``num_devices``."""
-    shape = [int(sizes[a]) for a in MESH_AXES]
+def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Fill a -1 axis with the remaining devices; check the product equals ``num_devices``. ``expert`` may be
+    absent (1)."""
+    shape = [int(sizes[a]) if a in sizes or a != "expert" else 1 for a in MESH_AXES]
     if shape.count(-1) == 1:
         known = int(np.prod([s for s in shape if s != -1]))
         if num_devices % known:
@@ -44,7 +50,7 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     """A mesh with Auto axis types (jax 0.10 defaults ``make_mesh`` to Explicit)."""
     devices = list(devices if devices is not None else jax.devices())
     shape = resolve_mesh_shape(sizes, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def parse_rules(rules: Mapping[str, str]) -> Rules:
