@@ -26,6 +26,8 @@ Parameter layout (float32; logical axis names in parentheses)::
         mlp_norm/scale               [embed]
         mlp/wi | mlp/wi_0, mlp/wi_1  [embed, mlp]          ("embed", "mlp")
         mlp/wo                       [mlp, embed]          ("mlp", "embed")
+        mlp/router, mlp/wi_0, ...    sparse MoE layers (``cfg.moe``, decoder layers ``moe_layers(cfg)``):
+                                     [experts, embed, mlp] ("expert", "embed", "mlp"), see models/moe.py
     {encoder,decoder}/final_norm/scale [embed]
     lm_head                          [embed, vocab]        ("embed", "vocab")     untied only
 
@@ -63,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.moe import MoE, MoEConfig
 from models.partitioning import constrain
 from models.transformer import activation, param
 
@@ -104,12 +107,16 @@ class Seq2SeqConfig:
     decoder_start_token: int = 0
     pad_token: int = 0
     scale_decoder_output: bool | None = None  # x * d_model**-0.5 before the head; None = tie_embeddings
+    moe: MoEConfig | None = None              # sparse MoE feed-forward (models/moe.py) in decoder layers
+    moe_every: int = 1                        # ... every n-th one (layers n-1, 2n-1, ...); the rest dense
 
     def __post_init__(self):
         feed_forward_act(self.feed_forward)
-        if self.decoder_layers < 1 or (not self.decoder_only and self.encoder_layers < 1):
-            raise ValueError(f"need >= 1 decoder layer (and encoder layer unless decoder_only), got "
-                             f"{self.encoder_layers}+{self.decoder_layers}")
+        if self.moe is not None and self.moe_every < 1:
+            raise ValueError(f"moe_every {self.moe_every} must be >= 1")
+        if self.decoder_layers < 1 or self.encoder_layers < 0:
+            raise ValueError(f"need >= 1 decoder layer and >= 0 encoder layers (0: the caller supplies the "
+                             f"decoder's memory), got {self.encoder_layers}+{self.decoder_layers}")
 
     @property
     def scale_output(self) -> bool:
@@ -138,10 +145,19 @@ def param_count(cfg: Seq2SeqConfig) -> int:
     rel = cfg.relative_buckets * cfg.num_heads
     cross = not cfg.decoder_only
     n = cfg.vocab_size * d + (0 if cfg.tie_embeddings else d * cfg.vocab_size)
-    if not cfg.decoder_only:
+    if not cfg.decoder_only and cfg.encoder_layers:
         n += cfg.encoder_layers * (attn + mlp + 2 * d) + rel + d
     n += cfg.decoder_layers * (attn * (2 if cross else 1) + mlp + (3 if cross else 2) * d) + rel + d
+    if cfg.moe is not None:  # the MoE layers: E gated experts and a router in place of the dense MLP
+        n += len(moe_layers(cfg)) * (cfg.moe.num_experts * (3 * d * cfg.moe.d_ff + d) - mlp)
     return n
+
+
+def moe_layers(cfg: Seq2SeqConfig) -> tuple[int, ...]:
+    """The decoder layers whose feed-forward is sparse."""
+    if cfg.moe is None:
+        return ()
+    return tuple(i for i in range(cfg.decoder_layers) if i % cfg.moe_every == cfg.moe_every - 1)
 
 
 # --- relative position buckets ------------------------------------------------------------------------
@@ -264,7 +280,8 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm T5 block: self-attention, optional cross-attention, feed-forward, each ``x + f(norm(x))``."""
 
-    def __init__(self, cfg: Seq2SeqConfig, *, relative: bool, cross: bool, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Seq2SeqConfig, *, relative: bool, cross: bool, dtype, rngs: nnx.Rngs,
+                 sparse: bool = False):
         self.dtype = dtype
         self.self_norm = RMSNorm(cfg.d_model, cfg.eps, dtype=dtype, rngs=rngs)
         self.self_attn = Attention(cfg, relative=relative, dtype=dtype, rngs=rngs)
@@ -274,7 +291,7 @@ class Block(nnx.Module):
         else:
             self.cross_norm = self.cross_attn = None
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.eps, dtype=dtype, rngs=rngs)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = MoE(cfg.d_model, cfg.moe, dtype=dtype, rngs=rngs) if sparse else MLP(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: Array, bias: Array, allowed: Array, cross: dict | None = None,
                  write=None) -> tuple[Array, tuple[Array, Array]]:
@@ -299,10 +316,10 @@ class Stack(nnx.Module):
     """``depth`` blocks and a final RMSNorm; the first block's self-attention owns the relative table."""
 
     def __init__(self, cfg: Seq2SeqConfig, depth: int, *, bidirectional: bool, cross: bool, dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, sparse: tuple[int, ...] = ()):
         self.bidirectional = bidirectional
         self.buckets, self.max_distance = cfg.relative_buckets, cfg.relative_max_distance
-        self.layers = nnx.List([Block(cfg, relative=i == 0, cross=cross, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, relative=i == 0, cross=cross, dtype=dtype, rngs=rngs, sparse=i in sparse)
                                 for i in range(depth)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.eps, dtype=dtype, rngs=rngs)
 
@@ -343,10 +360,13 @@ class Seq2Seq(nnx.Module):
         self.embedding = param(rngs, _normal(1.0), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
         if cfg.decoder_only:
             self.encoder = None
-            self.decoder = Stack(cfg, cfg.decoder_layers, bidirectional=True, cross=False, dtype=dtype, rngs=rngs)
+            self.decoder = Stack(cfg, cfg.decoder_layers, bidirectional=True, cross=False, dtype=dtype, rngs=rngs,
+                                 sparse=moe_layers(cfg))
         else:
-            self.encoder = Stack(cfg, cfg.encoder_layers, bidirectional=True, cross=False, dtype=dtype, rngs=rngs)
-            self.decoder = Stack(cfg, cfg.decoder_layers, bidirectional=False, cross=True, dtype=dtype, rngs=rngs)
+            self.encoder = (Stack(cfg, cfg.encoder_layers, bidirectional=True, cross=False, dtype=dtype, rngs=rngs)
+                            if cfg.encoder_layers else None)
+            self.decoder = Stack(cfg, cfg.decoder_layers, bidirectional=False, cross=True, dtype=dtype, rngs=rngs,
+                                 sparse=moe_layers(cfg))
         self.lm_head = (None if cfg.tie_embeddings else
                         param(rngs, _normal(cfg.d_model ** -0.5), (cfg.d_model, cfg.vocab_size), ("embed", "vocab")))
 
@@ -381,6 +401,9 @@ class Seq2Seq(nnx.Module):
             pos, _ = self._prefix_positions(mask)
             h, _ = self.decoder(self.embed(tokens), self.decoder.position_bias(pos, pos), mask[:, None, :])
             return h
+        if self.encoder is None:
+            raise ValueError("this Seq2Seq has no encoder (encoder_layers=0): decode from a memory with "
+                             "`decode` / `start_decoding`")
         s = tokens.shape[1]
         pos = jnp.arange(s)[None]
         h, _ = self.encoder(self.embed(tokens), self.encoder.position_bias(pos, pos), mask[:, None, :])
@@ -408,7 +431,15 @@ class Seq2Seq(nnx.Module):
             x = jnp.concatenate([self.embed(tokens), self.embed(decoder_inputs)], axis=1)
             h, _ = self.decoder(x, self.decoder.position_bias(all_pos, all_pos), allowed)
             return self.head(h[:, s:])
-        enc = self.encode(tokens, mask)
+        return self.decode(self.encode(tokens, mask), mask, decoder_inputs)
+
+    def decode(self, enc: Array, mask: Array, decoder_inputs: Array) -> Array:
+        """The encoder-decoder's decoder on a given memory: enc [b, s, embed], mask [b, s], decoder_inputs
+        [b * n, t] -> logits [b * n, t, vocab] float32 (``__call__``'s rows; any memory a caller builds,
+        e.g. compressed behaviour sequences beside the encoded query)."""
+        mask = mask.astype(bool)
+        n, t = decoder_inputs.shape[0] // enc.shape[0], decoder_inputs.shape[1]
+        repeat = (lambda x: jnp.repeat(x, n, axis=0)) if n > 1 else (lambda x: x)
         cross = jax.tree.map(repeat, self._cross(enc, mask))
         pos = jnp.arange(t)[None]
         causal = (pos[0][None, :] <= pos[0][:, None])[None]                                     # [1, t, t]
@@ -438,7 +469,12 @@ class Seq2Seq(nnx.Module):
             cache = {"self": [{"k": jnp.concatenate([k.astype(self.dtype), pad], axis=1),
                                "v": jnp.concatenate([v.astype(self.dtype), pad], axis=1)} for k, v in kvs]}
             return {"mask": mask, "pos": pos, "length": length}, cache
-        enc = self.encode(tokens, mask)
+        return self.start_decoding(self.encode(tokens, mask), mask, max_len)
+
+    def start_decoding(self, enc: Array, mask: Array, max_len: int) -> tuple[dict, dict]:
+        """``start`` for the encoder-decoder on a given memory: enc [b, s, embed], mask [b, s] -> (context, cache)."""
+        cfg, mask = self.cfg, mask.astype(bool)
+        shape = (enc.shape[0], max_len, cfg.num_heads, cfg.head_dim)
         cross = [{"k": c["k"], "v": c["v"]} for c in self._cross(enc, mask)]
         cache = {"self": [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
                           for _ in self.decoder.layers]}

@@ -15,7 +15,9 @@ Families (each ``fn(config, batch) -> {part: forward FLOPs}``):
   the two ``[b, b]`` logit matrices of the symmetric InfoNCE loss),
 * ``vit_forward`` — ``models/vit.py`` (patch conv, QKV / attention / output / MLP per block,
   pooling head), per image,
-* ``text_encoder_forward`` — ``models/text_encoder.py`` (BERT family; the embedding sum is a gather).
+* ``text_encoder_forward`` — ``models/text_encoder.py`` (BERT family; the embedding sum is a gather),
+* ``onemall_forward`` — ``models/onemall.py`` (Query-Formers, the T5 decoder; sparse MoE layers count their
+  *active* FLOPs: the router and top-k experts per token, not all experts).
 
 ``PEAK_FLOPS``: dense (no 2:4 sparsity) bf16 peak per chip, from the vendors' spec sheets: TPU v4 275e12,
 v5e 197e12, v5p 459e12, v6e (Trillium) 918e12 (cloud.google.com/tpu/docs/<version>); A100 312e12,
@@ -27,6 +29,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from models.seq2seq import moe_layers
 
 # --- peak table -------------------------------------------------------------------------------------
 
@@ -148,3 +152,46 @@ def train_flops(forward: Mapping[str, float] | float) -> float:
     if not isinstance(forward, Mapping):
         return 3.0 * float(forward)
     return sum(v * (1.0 if k.startswith("frozen/") else 3.0) for k, v in forward.items())
+
+
+
+def t5_block_forward(tokens: float, d: int, inner: int, width: float, seq: int, memory: int = 0,
+                     gated: bool = True) -> dict[str, float]:
+    """One T5 block (``models/seq2seq.Block``) over ``tokens = rows * seq`` positions: self-attention over
+    ``seq``, cross-attention to ``memory`` positions per row (0: none; the memory's K/V projections are the
+    caller's), a feed-forward ``width`` wide (a sparse layer: its active width, top_k x an expert's)."""
+    out = {"self_attn": matmul(tokens, d, 4 * inner) + 2 * matmul(tokens, inner, seq),
+           "mlp": matmul(tokens, d, (2 if gated else 1) * width) + matmul(tokens, width, d)}
+    if memory:
+        out["cross_attn"] = matmul(tokens, d, 2 * inner) + 2 * matmul(tokens, inner, memory)
+    return out
+
+
+def onemall_forward(cfg: Any, batch: int, lengths: Mapping[str, int], depth: int, query_len: int = 0
+                    ) -> dict[str, float]:
+    """``models/onemall.OneMall`` teacher-forced on ``batch`` rows (``OneMallConfig``; ``lengths``: events per
+    behaviour; ``depth``: SID length; ``query_len``: the session's query when the generator encodes one).
+    Sparse MoE layers count their *active* FLOPs: the router and ``top_k`` experts per token."""
+    g = cfg.generator
+    d, inner, k = g.d_model, g.num_heads * g.head_dim, cfg.num_queries
+    gated = g.feed_forward.startswith("gated")
+    out: dict[str, float] = {}
+    for b, n in lengths.items():  # Query-Formers: K queries (or the last K events) over n events + the null one
+        events = (k if cfg.compress == "last" else n) + 1
+        out[f"{b}/qformer/memory_kv"] = cfg.qformer_layers * matmul(batch * events, d, 2 * inner)
+        accumulate(out, t5_block_forward(batch * k, d, inner, g.d_ff, k, events, gated), cfg.qformer_layers,
+                   f"{b}/qformer/")
+    memory = k * len(lengths) + (query_len if g.encoder_layers else 0)
+    if g.encoder_layers:
+        accumulate(out, t5_block_forward(batch * query_len, d, inner, g.d_ff, query_len, 0, gated), g.encoder_layers,
+                   "encoder/")
+    sparse = set(moe_layers(g))
+    for i in range(g.decoder_layers):
+        moe = i in sparse  # experts are gated
+        width = g.moe.d_ff * g.moe.top_k if moe else g.d_ff
+        accumulate(out, t5_block_forward(batch * depth, d, inner, width, depth, memory, moe or gated), prefix="decoder/")
+        accumulate(out, {"memory_kv": matmul(batch * memory, d, 2 * inner)}, prefix="decoder/")
+        if i in sparse:
+            accumulate(out, {"router": matmul(batch * depth, d, g.moe.num_experts)}, prefix="decoder/")
+    out["head"] = matmul(batch * depth, d, g.vocab_size)
+    return out

@@ -220,6 +220,53 @@ def next_item_examples(sequences: Mapping[int, Sequence[int]], max_history: int
 
 
 @dataclasses.dataclass(frozen=True)
+class Behaviours:
+    """One search session of a user with the behaviour sequences that came before it (OneMall's input):
+    corpus rows of earlier clicks and purchases and earlier query texts, oldest first, each the last
+    ``max_events`` of its kind; the session's own query and its relevant items (clicked ∪ purchased rows)."""
+
+    user_id: int
+    session_id: int
+    query: str
+    clicks: tuple[int, ...]
+    purchases: tuple[int, ...]
+    queries: tuple[str, ...]
+    relevant: tuple[int, ...]
+
+
+def behaviour_examples(rows: Iterable[Mapping[str, Any]], corpus: ItemCorpus, max_events: int,
+                       max_queries: int) -> dict[str, list[Behaviours]]:
+    """Recall rows -> ``{split: [Behaviours]}``: per user, sessions in ``time_index`` order (then file
+    order); a session's history is every session of the user with a smaller ``time_index`` (sessions at
+    the same time do not see each other), of every split. Sessions with no relevant corpus item are not
+    examples (they still enter later histories); items outside the corpus are left out."""
+    per_user: dict[int, list[tuple[int, int, Mapping[str, Any]]]] = collections.defaultdict(list)
+    for n, row in enumerate(rows):
+        per_user[int(row["user_id"])].append((int(row["time_index"]), n, row))
+    out: dict[str, list[Behaviours]] = collections.defaultdict(list)
+    for user in sorted(per_user):
+        clicks: list[int] = []
+        purchases: list[int] = []
+        queries: list[str] = []
+        sessions = sorted(per_user[user], key=lambda e: e[:2])
+        seen = 0                                  # sessions[:seen] are in the history
+        for i, (time, _, row) in enumerate(sessions):
+            while sessions[seen][0] < time:
+                _, _, past = sessions[seen]
+                clicks += corpus.rows(_ids(past["clicked_item_ids"]))
+                purchases += corpus.rows(_ids(past["purchased_item_ids"]))
+                if str(past["query"]).strip():
+                    queries.append(str(past["query"]).strip())
+                seen += 1
+            relevant = tuple(sorted(corpus.rows(relevant_items(row))))
+            if relevant:
+                out[str(row["split"]).lower()].append(Behaviours(
+                    user, int(row["session_id"]), str(row["query"]).strip(), tuple(clicks[-max_events:]),
+                    tuple(purchases[-max_events:]), tuple(queries[-max_queries:]), relevant))
+    return dict(out)
+
+
+@dataclasses.dataclass(frozen=True)
 class RecallPair:
     """A training example: a query and the corpus rows of its relevant items (at least one)."""
 

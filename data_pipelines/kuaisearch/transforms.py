@@ -71,6 +71,47 @@ class HistoryTransform:
         return {"input_ids": ids, "input_mask": ids > 0, "codes": self.item_codes[e.target]}
 
 
+class BehaviourTransform:
+    """``Behaviours -> {click_tokens, click_mask, purchase_tokens, purchase_mask, query_ids, query_mask, codes}``
+    (OneMall's input; ``input_ids``, ``input_mask`` too with ``query_len`` > 0): item events as their SIDs'
+    code tokens ``[n, D]`` (``token_offsets`` added; items without a SID left out), past queries as pieces
+    ``[n, piece_len]``; each sequence the last ``lengths[kind]`` events, right-aligned (the newest in the last
+    slot, 0-padded on the left), and the SID of one relevant item drawn per example (the first without rng)."""
+
+    def __init__(self, tokenizer: Any, item_codes: np.ndarray, token_offsets: Sequence[int],
+                 lengths: Mapping[str, int], piece_len: int, query_len: int = 0):
+        self.tokenizer, self.item_codes = tokenizer, item_codes
+        self.offsets = np.asarray(token_offsets, np.int32)
+        self.lengths, self.piece_len, self.query_len = dict(lengths), piece_len, query_len
+
+    def _items(self, rows: Sequence[int], n: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = [r for r in rows if self.item_codes[r, 0] >= 0][-n:] if n else []
+        tokens = np.zeros((n, self.item_codes.shape[1]), np.int32)
+        if rows:
+            tokens[n - len(rows):] = self.item_codes[rows] + self.offsets
+        return tokens, np.arange(n) >= n - len(rows)
+
+    def __call__(self, e: ex.Behaviours, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        out = {}
+        for kind, rows in (("click", e.clicks), ("purchase", e.purchases)):
+            if kind in self.lengths:
+                out[f"{kind}_tokens"], out[f"{kind}_mask"] = self._items(rows, self.lengths[kind])
+        if "query" in self.lengths:
+            n = self.lengths["query"]
+            ids = np.zeros((n, self.piece_len), np.int32)
+            mask = np.zeros((n, self.piece_len), bool)
+            texts = list(e.queries[-n:]) if n else []
+            if texts:
+                ids[n - len(texts):], mask[n - len(texts):] = ex.encode_texts(self.tokenizer, texts, self.piece_len)
+            out["query_ids"], out["query_mask"] = ids, mask
+        if self.query_len:
+            q_ids, q_mask = ex.encode_texts(self.tokenizer, [e.query], self.query_len)
+            out["input_ids"], out["input_mask"] = q_ids[0], q_mask[0]
+        rows = [r for r in e.relevant if self.item_codes[r, 0] >= 0] or list(e.relevant)
+        out["codes"] = self.item_codes[rows[int(rng.integers(len(rows))) if rng is not None else 0]]
+        return out
+
+
 class CrossTransform:
     """``RelevanceExample -> {ids, mask, token_type_ids, label}`` (one ``<s> q </s> text </s>`` row)."""
 

@@ -1,0 +1,119 @@
+"""OneMall: the Query-Former, behaviour sequences from KuaiSearch sessions, the generator trained end to end on
+the synthetic world, and the paper-scale config lowered with expert parallelism on 8 devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO, load_test_config
+from flax import nnx
+
+from data_pipelines.kuaisearch import examples as ex
+from data_pipelines.kuaisearch.transforms import BehaviourTransform
+from models import seq2seq
+from models.moe import MoEConfig
+from models.query_former import QueryFormer
+
+
+def test_query_former_compresses_to_k_tokens_and_never_reads_padding():
+    cfg = seq2seq.tiny(64)
+    with nnx.use_eager_sharding(False):
+        qf = QueryFormer(cfg, num_queries=4, depth=2, rngs=nnx.Rngs(0))
+    events = jax.random.normal(jax.random.key(0), (3, 10, cfg.d_model))
+    mask = jnp.arange(10)[None] >= jnp.array([[4], [9], [10]])      # right-aligned; row 2 has no event
+    y = qf(events, mask)
+    assert y.shape == (3, 4, cfg.d_model) and bool(jnp.isfinite(y).all())
+    garbage = jnp.where(mask[..., None], events, 1e4)
+    np.testing.assert_allclose(qf(garbage, mask), y, atol=1e-5)     # padding values change nothing
+    assert float(jnp.abs(qf(events.at[0, 5].add(1.0), mask)[0] - y[0]).max()) > 1e-4  # a real event does
+    np.testing.assert_allclose(qf(events, mask)[2], qf(events * 0, mask)[2], atol=1e-6)  # empty: the null event
+    # the truncation baseline: the last 3 events as the queries
+    last = qf(events[:, -3:], mask[:, -3:], queries=events[:, -3:])
+    assert last.shape == (3, 3, cfg.d_model)
+
+
+def test_param_count_covers_moe_layers():
+    cfg = seq2seq.tiny(64, decoder_layers=3, moe=MoEConfig(num_experts=4, d_ff=16), moe_every=2)
+    assert seq2seq.moe_layers(cfg) == (1,)
+    with nnx.use_eager_sharding(False):
+        model = seq2seq.Seq2Seq(cfg, rngs=nnx.Rngs(0))
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == seq2seq.param_count(cfg)
+    assert model.decoder.layers[1].mlp.wi_0.shape == (4, 32, 16)
+
+
+def _row(user, session, time, clicked, purchased=(), query="q", split="train"):
+    return {"user_id": user, "session_id": session, "time_index": time, "clicked_item_ids": list(clicked),
+            "purchased_item_ids": list(purchased), "query": query, "split": split, "impressed_item_ids": []}
+
+
+def test_behaviour_examples_see_only_earlier_sessions_and_transform_right_aligns():
+    corpus = ex.ItemCorpus(ids=np.array([10, 11, 12, 13]), texts=["a", "b", "c", "d"])
+    rows = [_row(1, 3, 30, [12], query="third", split="test"), _row(1, 1, 10, [10], [10], query="first"),
+            _row(1, 2, 20, [11, 99], query="second"), _row(1, 4, 20, [13], query="also second"),
+            _row(2, 5, 5, [], query="nothing")]
+    out = ex.behaviour_examples(rows, corpus, max_events=8, max_queries=8)
+    train, test = out["train"], out["test"]
+    assert [e.session_id for e in train] == [1, 2, 4]            # session 5 has no relevant item
+    assert train[0].clicks == () and train[0].queries == ()
+    assert train[1].clicks == (0,) == train[2].clicks             # sessions at t=20 do not see each other
+    assert train[1].relevant == (1,)                              # item 99 is not in the corpus
+    (last,) = test
+    assert last.clicks == (0, 1, 3) and last.purchases == (0,) and last.queries == ("first", "second", "also second")
+
+    codes = np.array([[1, 2], [3, 4], [-1, -1], [5, 6]], np.int32)   # item 12 (row 2) has no SID
+    tokenizer = type("T", (), {"encode_batch": staticmethod(
+        lambda texts, n, add_bos, add_eos: (np.full((len(texts), n), 7, np.int32), np.ones((len(texts), n), bool)))})
+    t = BehaviourTransform(tokenizer, codes, (100, 200), {"click": 4, "purchase": 2, "query": 2}, piece_len=3)
+    x = t(last)
+    np.testing.assert_array_equal(x["click_tokens"], [[0, 0], [101, 202], [103, 204], [105, 206]])
+    np.testing.assert_array_equal(x["click_mask"], [False, True, True, True])
+    np.testing.assert_array_equal(x["purchase_mask"], [False, True])
+    assert x["query_ids"].shape == (2, 3) and x["query_mask"].all()   # the last two of three queries
+    np.testing.assert_array_equal(x["codes"], [-1, -1])             # the only relevant item lacks a SID
+    assert "input_ids" not in x
+
+
+@pytest.fixture(scope="module")
+def onemall_sids(tmp_path_factory):
+    from launch.gr import build_sids
+
+    out = tmp_path_factory.mktemp("onemall_sids")
+    build_sids(f"{REPO}/configs/onemall.py:tiny", out)
+    return out
+
+
+def test_onemall_trains_and_generates_valid_sids_with_moe_metrics(onemall_sids, tmp_path):
+    import json
+
+    from trainers.loop import Trainer
+
+    config = load_test_config("configs/onemall.py:tiny", f"data.sid_table={onemall_sids}", "mesh.data=2",
+                              "train.steps=30", "train.log_every=10", "train.checkpoint_every=30",
+                              "optimizer.warmup_steps=5", "eval.max_examples=64", "eval.batch_size=32",
+                              "data.lengths.click=64", "data.lengths.purchase=16", "data.lengths.query=8")
+    trainer = Trainer.create(config, tmp_path, jax.devices()[:2])
+    ev = trainer.run().eval_metrics
+    assert ev["beam_fill"] == 1.0 and ev["num_queries_evaluated"] == 64 and 0 <= ev["hit_rate@10"] <= 1
+    records = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "gen_loss" in r]
+    assert [r["step"] for r in train] == [10, 20, 30] and train[-1]["gen_loss"] < train[0]["gen_loss"]
+    for r in train:
+        assert 0 <= r["dropped_fraction"] < 0.5 and r["balance_loss"] >= 1.0 - 1e-3 and r["z_loss"] > 0
+        assert 1.0 <= r["expert_load_max"] <= 8.0
+
+
+def test_onemall_base_lowers_with_experts_over_8_devices_and_counts_active_flops(tmp_path):
+    from trainers.flops import onemall_forward
+    from trainers.loop import Trainer
+
+    config = load_test_config("configs/onemall.py:base", "mesh.data=1", "mesh.expert=8")
+    trainer = Trainer.create(config, tmp_path)
+    assert 1.0e9 < trainer.spec.num_params < 1.2e9, trainer.spec.num_params   # 64 experts in 6 of 12 layers
+    spec = trainer.task.batch_spec(256)
+    assert spec["click_tokens"].shape == (256, 2048, 4) and spec["query_ids"].shape == (256, 256, 16)
+    assert "all_to_all" in trainer.lower().as_text()   # 1,024 decoder tokens in 16 groups over 8 devices
+    # active FLOPs: 6 dense layers (gated, 2048 wide) and 6 MoE layers of top-2 x 1024-wide experts out of 64:
+    # 256 decoder tokens x 3 matmuls x 2 x 768 x 2048 each, not 32x that for the MoE half
+    forward = onemall_forward(trainer.task.model_config(), 64, trainer.task.lengths, 4)
+    assert forward["decoder/mlp"] == pytest.approx(12 * 256 * 3 * 2 * 768 * 2048)
+    assert forward["decoder/router"] == pytest.approx(6 * 256 * 2 * 768 * 64)
