@@ -194,7 +194,7 @@ class MoE(nnx.Module):
         k, e = cfg.top_k, cfg.num_experts
         experts = route.experts.reshape(-1)                                              # [G S k]
         gates = route.gates.reshape(-1)
-        if mask is not None:  # padding goes to no expert: weight 0, sorted last within expert 0's group
+        if mask is not None:  # padding: its assignments are computed, with weight 0
             gates = gates * jnp.repeat(mask.reshape(-1).astype(gates.dtype), k)
         order = jnp.argsort(experts, stable=True)
         tokens = jnp.repeat(x.reshape(g * s, d), k, axis=0)[order]                       # [G S k, d]
