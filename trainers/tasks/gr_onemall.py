@@ -120,6 +120,8 @@ class OneMallTask(DSITask):
         w, e = self.world, self.config.eval
         ks = tuple(int(k) for k in e.ks)
         tests = self.examples.get(e.split, [])[:e.max_examples or None]
+        if not tests:
+            raise ValueError(f"{w.recall.root}: no {e.split!r} session with a relevant corpus item to evaluate")
         batch = stack([self.transform(x) for x in tests])
         keys = tuple(k for k in self.inputs() if k != "codes")
         fn = functools.partial(generate, keys=keys, vocab=self.vocab, beams=e.beams)
