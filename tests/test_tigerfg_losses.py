@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from trainers.mesh import BATCH_AXES
+from trainers.mesh import BATCH_AXES, make_mesh
 from trainers.losses.tigerfg import i2v_loss, q2i_loss, sdd_loss, srd_loss, v2t_loss
 
 
@@ -47,7 +47,7 @@ def test_q2i_matches_numpy_with_duplicates_and_hard_negatives():
 def test_q2i_sharded_equals_dense_values_and_gradients():
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake) devices")
-    mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     rng = np.random.default_rng(1)
     b = 16
     q, item, hard = (jnp.asarray(rng.normal(size=(b, 8)).astype(np.float32)) for _ in range(3))
