@@ -7,6 +7,8 @@ Arguments:
 - ``tiny``: a synthetic KuaiSearch world (600 users, 3000 items, 4000 sessions, ~72k rank rows, the last
   10% of sessions as test) generated, prepared and cached on first use, featurized once into arrays;
   synthesis + features + training + evaluation take well under a minute on an idle CPU.
+- ``onemall``: ``tiny`` (DIN) on the synthetic world of ``configs/onemall.py`` (400 users, 16,000 sessions): the
+  frozen ranker whose click probability is OneMall's RL reward (``configs/onemall.py:tiny_rl``).
 - ``lite``: the released KuaiSearch-Lite layout under ``data.root`` (~17.8M rank rows, 100k users, 6.6M
   items) at the paper's hyper-parameters: batch 4096, Adam(W) learning rate 1e-3, weight decay 1e-5.
   Id buckets fit 6.6M items (2^23) and 100k users (2^17) without collisions (ids hash to ``1 + id mod
@@ -20,9 +22,9 @@ from configs.common import base_config
 
 
 def get_config(arg: str = "tiny"):
-    if arg not in ("tiny", "lite"):
-        raise KeyError(f"kuaisearch_rank has variants 'tiny' and 'lite', not {arg!r}")
-    tiny = arg == "tiny"
+    if arg not in ("tiny", "onemall", "lite"):
+        raise KeyError(f"kuaisearch_rank has variants 'tiny', 'onemall' and 'lite', not {arg!r}")
+    tiny = arg != "lite"
     c = base_config()
     c.task = "kuaisearch_rank"
 
@@ -76,6 +78,14 @@ def get_config(arg: str = "tiny"):
     d.worker_count = 0 if tiny else 8
     d.progress = True
 
+    if arg == "onemall":   # the world of configs/onemall.py (same generator, seed and sizes: the same rows)
+        from configs.onemall import get_config as onemall  # noqa: PLC0415
+
+        world = onemall("tiny").data.synthetic
+        d.synthetic.update({k: world[k] for k in ("num_users", "num_items", "num_sessions", "seed")})
+        d.synthetic.test_fraction = 0.2   # the recall world's split (synthesize's default): OneMall's test
+        d.test_fraction = 0.2             # sessions are none of the ranker's training rows
+        c.model.name = "din"
     c.eval.batch_size = 1024 if tiny else 8192
     c.eval.max_examples = 0        # 0: every test row (else that many, evenly spaced)
     return c

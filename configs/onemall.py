@@ -11,6 +11,8 @@ Arguments:
   ``tiny_last``: the truncation baseline: the last 8 events of each behaviour through the same blocks.
   ``tiny_dense``: the dense generator at equal active parameters (feed-forward width 256).
   ``tiny_search``: ``tiny`` that also encodes the session's query (personalised search; 2 encoder layers).
+  ``tiny_rl``: the RL phase on ``tiny``: GRPO with the KuaiSearch ranker as the reward, from a ``tiny`` run
+    (``init_from.model.path``) and a ``configs/kuaisearch_rank.py:onemall`` run (``rl.ranker``) on the same world.
   ``base``: the paper-scale shapes (lowered, not trained, on CPU): 2,048 clicks, 512 purchases, 256 queries,
     32 Query-Former tokens each, a 768-wide 12-layer decoder with a 64-expert top-2 MoE every second layer
     (experts over the ``expert`` mesh axis: ``mesh.expert=8``), 3 x 512 codes + a dedup digit.
@@ -18,10 +20,10 @@ Arguments:
 
 import ml_collections
 
-from configs.common import KUAISEARCH_SYNTHETIC, base_config
+from configs.common import KUAISEARCH_SYNTHETIC, base_config, init_from_entry
 from configs.gr import t5_model
 
-VARIANTS = ("tiny", "tiny_last", "tiny_dense", "tiny_search", "base")
+VARIANTS = ("tiny", "tiny_last", "tiny_dense", "tiny_search", "tiny_rl", "base")
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -29,7 +31,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         raise KeyError(arg)
     tiny = arg.startswith("tiny")
     c = base_config()
-    c.task = "gr_onemall"
+    c.task = "gr_onemall_rl" if arg == "tiny_rl" else "gr_onemall"
     c.model = t5_model(tiny)
     m = c.model
     m.encoder_layers = 2 if arg == "tiny_search" else 0     # 0: no query encoder (recommendation)
@@ -79,6 +81,27 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 50 if tiny else 2000
     c.optimizer.weight_decay = 0.01
     c.sharding.rules.relpos = ""
+    # RL (task gr_onemall_rl; OneMall Sec. 3.3) and ranker@k in every evaluation once rl.ranker is set
+    c.rl = ml_collections.ConfigDict({
+        "ranker": "",           # a KuaiSearch ranking run (workdir or params export): the frozen reward model
+        "group": 8,             # GRPO's G: SIDs sampled per user
+        "temperature": 1.0,
+        "clip": 0.2,            # GRPO (Shao et al. 2024): epsilon
+        "kl": 0.04,             # GRPO: beta, to the SFT generator
+        "pg_weight": 1.0,       # x the GRPO objective (0: the control, SFT continued on the same batches)
+        "sft_weight": 1.0,      # x the SFT loss on the session's own item, beside the policy gradient
+        "hit_weight": 0.0,      # reward + this for an item the user interacted with (0: the ranker alone)
+        "ranker_batch": 1024,
+        "eval_k": 10,           # ranker@k: the ranker's mean click probability of the top-k generated items
+    })
+    if arg == "tiny_rl":
+        c.init_from.model = init_from_entry("", format="ecomax")   # path: the `tiny` run
+        c.train.batch_size = 16                                    # users per step (x group = 128 samples)
+        c.train.steps = 150
+        c.train.log_every = 25
+        c.train.checkpoint_every = 50
+        c.optimizer.learning_rate = 3e-4
+        c.optimizer.warmup_steps = 10
     if not tiny:
         c.mesh.expert = 8
     return c

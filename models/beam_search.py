@@ -128,6 +128,46 @@ def beam_search(step: Step, context: Any, cache: Any, *, batch: int, beams: int,
     return BeamResult(jnp.where(live[:, :, None], codes, -1), scores, jnp.where(live, leaves, -1).astype(jnp.int32))
 
 
+class SampleResult(NamedTuple):
+    codes: jax.Array      # [B, G, D] int32
+    log_probs: jax.Array  # [B, G, D] float32, each code's log-probability at the sampling temperature
+    leaves: jax.Array     # [B, G] int32 trie leaf id (constrained), -1 unconstrained
+
+
+def sample(step: Step, context: Any, cache: Any, *, batch: int, samples: int, sizes: Sequence[int],
+           rng: jax.Array, constraint: Constraint | None = None, temperature: float = 1.0) -> SampleResult:
+    """``samples`` SIDs per query drawn from the model, level by level, from ``softmax(logits / temperature)``
+    restricted to the trie's children (a GRPO group, where ``beam_search`` gives the mode): every sample is
+    a valid SID, samples may repeat. Same ``step``/``constraint`` protocols and static arguments as
+    ``beam_search``; context and cache ``[B, ...]`` are repeated to ``B*G`` rows (a query's samples contiguous)."""
+    if temperature <= 0:
+        raise ValueError(f"sample: temperature must be > 0, got {temperature} (beam_search gives the mode)")
+    context, cache = repeat_beams(context, samples), repeat_beams(cache, samples)
+    n = batch * samples
+    prefix = jnp.zeros(n, jnp.int32)
+    prev = jnp.full(n, -1, jnp.int32)
+    codes, log_probs = [], []
+    for level, (k, key) in enumerate(zip(sizes, jax.random.split(rng, len(sizes)))):
+        logits, cache = step(context, cache, prev, level)        # log-softmax at T = 1
+        if logits.shape != (n, k):
+            raise ValueError(f"sample: step gave log-probs {logits.shape} at level {level}, expected {(n, k)}")
+        child = None if constraint is None else _children(constraint, level, prefix)
+        if constraint is not None:
+            ok = child >= 0 if child is not None else constraint.allowed(level, prefix)
+            logits = jnp.where(ok, logits, NEG_INF)
+        tempered = jax.nn.log_softmax(logits / temperature, axis=-1)
+        code = jax.random.categorical(key, tempered, axis=-1).astype(jnp.int32)
+        codes.append(code)
+        log_probs.append(jnp.take_along_axis(tempered, code[:, None], axis=1)[:, 0])
+        if constraint is not None:
+            prefix = (jnp.take_along_axis(child, code[:, None], axis=1)[:, 0] if child is not None
+                      else constraint.advance(level, prefix, code))
+        prev = code
+    leaves = prefix if constraint is not None else jnp.full(n, -1, jnp.int32)
+    return SampleResult(jnp.stack(codes, 1).reshape(batch, samples, -1),
+                        jnp.stack(log_probs, 1).reshape(batch, samples, -1), leaves.reshape(batch, samples))
+
+
 def _children(constraint: Constraint, level: int, prefix: jax.Array) -> jax.Array | None:
     """The optional fused lookup: ``children(level, prefix [N]) -> [N, K_level]`` child prefixes (-1: not
     allowed), or None when the constraint only has ``allowed``/``advance``."""

@@ -70,6 +70,24 @@ def sequence_log_prob(vocab: SIDVocab, logits: jax.Array, codes: jax.Array) -> j
     return sum(per_level)
 
 
+def path_log_probs(vocab: SIDVocab, logits: jax.Array, codes: jax.Array, constraint=None,
+                   temperature: float = 1.0) -> jax.Array:
+    """Each code's teacher-forced log-probability under the policy that ``beam_search.sample`` draws from:
+    ``logits [B, D, V]``, ``codes [B, D]`` (valid SIDs) -> ``[B, D]`` float32, level ``l``'s block at
+    ``temperature``, renormalised over the trie's children of the path's prefix when ``constraint`` is given
+    (its ``children``/``allowed``+``advance`` protocol, ``models/beam_search.py``)."""
+    out, prefix = [], jnp.zeros(codes.shape[0], jnp.int32)
+    for level in range(vocab.depth):
+        lp = vocab.level_logits(logits[:, level], level).astype(jnp.float32) / temperature
+        code = codes[:, level]
+        if constraint is not None:
+            child = constraint.children(level, prefix)
+            lp = jnp.where(child >= 0, lp, -jnp.inf)
+            prefix = jnp.take_along_axis(child, code[:, None], axis=1)[:, 0]
+        out.append(jnp.take_along_axis(jax.nn.log_softmax(lp, axis=-1), code[:, None], axis=1)[:, 0])
+    return jnp.stack(out, axis=1)
+
+
 def code_step(model, vocab: SIDVocab):
     """The model's KV-cached decoding step (``model.step``) in code space: the ``step`` protocol of
     ``models.beam_search.beam_search``."""

@@ -117,3 +117,81 @@ def test_onemall_base_lowers_with_experts_over_8_devices_and_counts_active_flops
     forward = onemall_forward(trainer.task.model_config(), 64, trainer.task.lengths, 4)
     assert forward["decoder/mlp"] == pytest.approx(12 * 256 * 3 * 2 * 768 * 2048)
     assert forward["decoder/router"] == pytest.approx(6 * 256 * 2 * 768 * 64)
+
+
+def test_candidate_rows_take_the_sessions_context_and_the_items_newest_fields(tmp_path):
+    from data_pipelines.kuaisearch.rank_features import CandidateRows
+
+    def rank_row(session, item, time, price, clicks):
+        return {"user_id": 7, "session_id": session, "time_index": time, "search_entrance": "mall", "query": f"q{session}",
+                "user_fan_number": 3, "user_follow_number": 4, "recently_clicked_item_ids": [1, 2],
+                "recently_purchased_item_ids": [], "target_item_id": item, "target_item_price": price,
+                "is_clicked": 1, "is_purchased": 1, "user_statistical_features": {"user_show_cnt_30d_hist": 5.0},
+                "target_item_statistical_features": {"item_click_cnt_30d_hist": clicks}}
+
+    rows = [rank_row(1, 10, 5, 9.0, 1.0), rank_row(1, 11, 5, 8.0, 2.0), rank_row(2, 10, 9, 7.0, 3.0),
+            rank_row(3, 12, 1, 6.0, 4.0)]
+    cand = CandidateRows.from_rows(rows, keep_sessions=[1, 2, 4])
+    assert sorted(cand.contexts) == [1, 2]                          # session 3 is not kept
+    r = cand.row(1, 10)
+    assert r["query"] == "q1" and r["target_item_id"] == 10 and r["is_clicked"] == r["is_purchased"] == 0
+    assert r["target_item_price"] == 7.0 and r["target_item_statistical_features"] == {"item_click_cnt_30d_hist": 3.0}
+    assert cand.row(2, 12)["target_item_price"] == 6.0            # an item of an unkept session still has its fields
+    unseen = cand.row(1, 99)
+    assert unseen["target_item_price"] == 0.0 and set(unseen["target_item_statistical_features"].values()) == {0.0}
+    fallback = cand.row(4, 11, {"user_id": 8, "query": "q4", "recently_clicked_item_ids": [3]})
+    assert fallback["user_id"] == 8 and fallback["search_entrance"] == "" and fallback["target_item_price"] == 8.0
+    assert (cand.stats.rows, cand.stats.contexts_missing, cand.stats.items_unseen) == (4, 1, 1)
+    with pytest.raises(KeyError, match="session 5"):
+        cand.row(5, 10)
+    cand.save(tmp_path)
+    back = CandidateRows.load(tmp_path)
+    assert back.contexts == cand.contexts and back.items == {k: v for k, v in cand.items.items()}
+
+
+@pytest.fixture(scope="module")
+def ranker_run(tmp_path_factory):
+    """A KuaiSearch ranker (a few steps on the rank tests' world: ids are hashed, so it scores any world)."""
+    from trainers.loop import Trainer
+
+    workdir = tmp_path_factory.mktemp("ranker")
+    config = load_test_config("configs/kuaisearch_rank.py:tiny", "train.steps=3", "eval.max_examples=64")
+    Trainer.create(config, workdir, jax.devices()[:1]).run()
+    return workdir
+
+
+def test_onemall_rl_scores_rollouts_with_the_ranker_and_resumes_bitwise(onemall_sids, ranker_run, tmp_path):
+    """GRPO with the frozen ranker as reward: valid sampled SIDs scored on the host, ranker@10 in the evaluation,
+    and a run stopped at step 2 and resumed equals the straight run (every metric and parameter bitwise)."""
+    import json
+
+    from trainers.loop import Trainer
+
+    from trainers.init_from import checkpoint_params
+
+    def config(stop_after=0):
+        return load_test_config(
+            "configs/onemall.py:tiny_rl", f"data.sid_table={onemall_sids}", f"rl.ranker={ranker_run}", "mesh.data=2",
+            "train.steps=4", f"train.stop_after={stop_after}", "train.log_every=1", "train.checkpoint_every=2",
+            "train.batch_size=4", "rl.group=4", "eval.max_examples=32", "eval.batch_size=32", "eval.beams=10",
+            "data.lengths.click=32", "data.lengths.purchase=8", "data.lengths.query=4", "model.qformer_layers=1",
+            "model.decoder_layers=1")
+
+    def records(workdir):
+        out = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("examples_per_sec", "step_time", "time")} for r in out
+                if "reward" in r]
+
+    ev = Trainer.create(config(), tmp_path / "straight", jax.devices()[:2]).run().eval_metrics
+    assert 0 < ev["ranker@10"] < 1 and 0 < ev["popularity/ranker@10"] < 1 and ev["beam_fill"] == 1.0
+    train = records(tmp_path / "straight")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for r in train:
+        assert 0 < r["ranker_prob"] < 1 and r["reward"] == r["ranker_prob"] and 0 <= r["hit"] <= 1
+        assert r["kl"] > -1e-6 and 0 <= r["clip_fraction"] <= 1 and np.isfinite(r["pg_loss"])
+    assert abs(train[0]["kl"]) < 1e-6 and train[-1]["kl"] > 1e-6    # step 1: the policy is the reference
+    assert Trainer.create(config(stop_after=2), tmp_path / "resumed", jax.devices()[:2]).run().status == "stopped"
+    Trainer.create(config(), tmp_path / "resumed", jax.devices()[:2]).run()
+    assert records(tmp_path / "resumed") == train
+    for a, b in zip(*(jax.tree.leaves(checkpoint_params(str(tmp_path / w), 4, "")) for w in ("straight", "resumed"))):
+        np.testing.assert_array_equal(a, b)

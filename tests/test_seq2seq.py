@@ -311,3 +311,32 @@ def test_t5_parity(hf, tmp_path, kind):
     np.testing.assert_array_equal(back["embedding"], sd["shared.weight"])
     np.testing.assert_array_equal(back["decoder"]["layers"][0]["self_attn"]["relative_bias"],
                                   sd["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"])
+
+
+def test_sampled_sid_log_probs_equal_the_teacher_forced_path_log_probs():
+    """GRPO's ratio needs the sampler's policy under teacher forcing: ``models.gr.path_log_probs`` (the level's
+    code block renormalised over the trie's children) equals what ``beam_search.sample`` recorded, per code."""
+    import itertools
+
+    from data_pipelines.sid.trie import TrieConstraint, build_trie
+    from models.beam_search import sample
+    from models.gr import SIDVocab, code_step, path_log_probs
+
+    vocab = SIDVocab(text=20, sizes=(4, 3, 3))
+    cfg = tiny(vocab_size=vocab.size, decoder_start_token=vocab.start)
+    model = _build(cfg)
+    every = np.array(list(itertools.product(*map(range, vocab.sizes))))
+    constraint = TrieConstraint(jax.tree.map(jnp.asarray, build_trie(every[::4], vocab.sizes)))
+    tokens, mask, _ = _batch(cfg)
+
+    def draw(m, x, k, rng):
+        context, cache = m.start(x, k, vocab.depth)
+        out = sample(code_step(m, vocab), context, cache, batch=3, samples=5, sizes=vocab.sizes, rng=rng,
+                     constraint=constraint, temperature=0.7)
+        codes = out.codes.reshape(15, -1)
+        logits = m(jnp.repeat(x, 5, 0), jnp.repeat(k, 5, 0), vocab.decoder_inputs(codes))
+        return out.log_probs.reshape(15, -1), path_log_probs(vocab, logits, codes, constraint, 0.7)
+
+    recorded, forced = _jit(model, draw)(tokens, mask, jax.random.key(0))
+    np.testing.assert_allclose(np.asarray(recorded), np.asarray(forced), atol=1e-5)
+    assert (np.asarray(forced) < 0).any()

@@ -90,7 +90,7 @@ def place(imported: Any, current: Any, shardings: Any, where: str, grown: str = 
     return jax.tree.map_with_path(put, current, shardings)
 
 
-def _checkpoint_params(path: str, step: int | None, source: str) -> Any:
+def checkpoint_params(path: str, step: int | None, source: str) -> Any:
     """The parameters of an ecomax run (``path``: its workdir or its ``checkpoints`` folder, the newest
     finished step unless ``step``, verified) or of an ``ecomax export --format params`` folder, as host
     arrays: the subtree ``source`` of them (default: all)."""
@@ -138,7 +138,7 @@ def apply_init_from(params: dict, param_shardings: dict, init_from: ml_collectio
             log.warning("init_from.%s: %s -> %s\n%s", name, entry.path, entry.target, imported.report)
             weights = imported.params
         elif entry.format == "ecomax":
-            weights = _checkpoint_params(entry.path, entry.get("step", 0) or None, entry.get("source", ""))
+            weights = checkpoint_params(entry.path, entry.get("step", 0) or None, entry.get("source", ""))
             log.warning("init_from.%s: the parameters of checkpoint %s -> %s", name, entry.path, entry.target or "/")
         elif entry.format == "tunix":
             from flax import nnx

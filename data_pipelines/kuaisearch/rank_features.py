@@ -474,6 +474,84 @@ class RankFeaturizer:
         }
 
 
+# ----------------------------------------------------------------------------- candidates
+
+
+_TARGET_FIELDS = ("target_item_id", "target_item_price", "target_item_statistical_features",
+                  "is_clicked", "is_purchased")
+
+
+@dataclasses.dataclass
+class CandidateStats:
+    rows: int = 0              # candidate rows made
+    contexts_missing: int = 0  # their session had no rank row: user / query context built from the caller's
+    items_unseen: int = 0      # their item is in no rank row: price and 30-day item statistics are 0
+
+
+class CandidateRows:
+    """Rank rows for items a generator proposes, so that a ranking model can score them.
+
+    The rule: the row of ``(session, item)`` is the session's first rank row (user, entrance, query, the
+    click / purchase histories, the user statistics) with its target fields replaced by the item's own price
+    and 30-day statistics from the item's newest rank row (largest ``time_index``) and no label. A session
+    without rank rows gets the ``fallback`` context its caller passes (user id, query, recent clicks; entrance
+    unknown, statistics 0), an item in no rank row gets price and statistics 0; both are counted in ``stats``.
+    ``keep_sessions`` bounds what is held to the sessions that will be asked for.
+    """
+
+    def __init__(self, contexts: dict[int, dict], items: dict[int, tuple[int, dict]]):
+        self.contexts, self.items = contexts, items   # session -> context; item -> (time_index, fields)
+        self.stats = CandidateStats()
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Mapping[str, Any]], keep_sessions: Iterable[int] | None = None) -> CandidateRows:
+        keep = None if keep_sessions is None else set(int(s) for s in keep_sessions)
+        contexts: dict[int, dict] = {}
+        items: dict[int, tuple[int, dict]] = {}
+        for row in rows:
+            session, item, time = int(row["session_id"]), int(row["target_item_id"]), int(row["time_index"])
+            if (keep is None or session in keep) and session not in contexts:
+                contexts[session] = {k: v for k, v in row.items() if k not in _TARGET_FIELDS}
+            if item not in items or items[item][0] <= time:
+                items[item] = (time, {"target_item_price": row["target_item_price"],
+                                      "target_item_statistical_features": row["target_item_statistical_features"]})
+        return cls(contexts, items)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """``candidates.json`` in ``folder`` (plain JSON; id lists as lists)."""
+        plain = lambda v: v.tolist() if isinstance(v, np.ndarray) else v  # noqa: E731
+        contexts = {s: {k: plain(v) for k, v in c.items()} for s, c in self.contexts.items()}
+        (pathlib.Path(folder) / "candidates.json").write_text(json.dumps(
+            {"contexts": contexts, "items": self.items}, ensure_ascii=False))
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> CandidateRows:
+        data = json.loads((pathlib.Path(folder) / "candidates.json").read_text())
+        return cls({int(s): c for s, c in data["contexts"].items()},
+                   {int(i): (int(t), f) for i, (t, f) in data["items"].items()})
+
+    def row(self, session_id: int, item_id: int, fallback: Mapping[str, Any] | None = None) -> dict:
+        """The rank row of ``item_id`` proposed in session ``session_id`` (``fallback``: the context keys
+        ``user_id``, ``query``, ``recently_clicked_item_ids``, used when the session has no rank row)."""
+        context = self.contexts.get(int(session_id))
+        self.stats.rows += 1
+        if context is None:
+            if fallback is None:
+                raise KeyError(f"session {session_id} has no rank row and no fallback context was given")
+            self.stats.contexts_missing += 1
+            context = {"session_id": int(session_id), "user_fan_number": 0, "user_follow_number": 0,
+                       "search_entrance": "", "recently_purchased_item_ids": [],
+                       "user_statistical_features": dict.fromkeys(schema.USER_STAT_KEYS, 0.0), **fallback}
+        item = self.items.get(int(item_id))
+        if item is None:
+            self.stats.items_unseen += 1
+            fields = {"target_item_price": 0.0,
+                      "target_item_statistical_features": dict.fromkeys(schema.ITEM_STAT_KEYS, 0.0)}
+        else:
+            fields = item[1]
+        return {**context, **fields, "target_item_id": int(item_id), "is_clicked": 0, "is_purchased": 0}
+
+
 # ----------------------------------------------------------------------------- split
 
 

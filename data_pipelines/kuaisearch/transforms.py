@@ -139,3 +139,15 @@ class BiTransform:
 def stack(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Transformed examples -> one batch: ``[{k: [...]}] * n -> {k: [n, ...]}``."""
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+class Indexed:
+    """A source of ``(index, example)`` pairs through ``transform``, the index kept as ``example`` (int32): a
+    host function after the step (a reward model) finds the record a row came from."""
+
+    def __init__(self, transform: Any):
+        self.transform = transform
+
+    def __call__(self, pair: tuple[int, Any], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        index, example = pair
+        return {**self.transform(example, rng), "example": np.int32(index)}

@@ -20,6 +20,7 @@ Pure data code: no JAX, nothing of ``trainers/`` or ``models/``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import pathlib
@@ -149,6 +150,17 @@ class GenerativeWorld:
             raise ValueError(f"{self.recall.root}: no training session has a relevant item with a SID")
         texts = self.recall.corpus.texts
         return pairs + [ex.RecallPair(texts[r], (r,)) for r in np.flatnonzero(has).tolist()] * int(index_repeats)
+
+
+def candidate_rows(root: pathlib.Path, sessions: Iterable[int]) -> rf.CandidateRows:
+    """``rank_features.CandidateRows`` of ``root``'s rank rows for ``sessions``: read once (the rank file is the
+    largest of the five), then loaded from ecomax's cache, keyed by the files and the sessions."""
+    keep = np.unique(np.asarray(list(sessions), np.int64))
+    key = {"root": str(pathlib.Path(root).resolve()), "files": _fingerprint(root, ("rank",)),
+           "sessions": hashlib.sha256(keep.tobytes()).hexdigest()}
+    folder = cached_dataset("kuaisearch_candidates", key,
+                            lambda out: rf.CandidateRows.from_rows(ex.read_rows(root, "rank"), keep.tolist()).save(out))
+    return rf.CandidateRows.load(folder)
 
 
 @dataclasses.dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def dsi_loss(level_log_probs: list[jax.Array], codes: jax.Array, weights: jax.Array | None = None
@@ -42,3 +43,13 @@ def ltrgr_rank_loss(positive: jax.Array, candidates: jax.Array, negative: jax.Ar
     n = jnp.maximum(jnp.sum(negative), 1)
     return jnp.sum(jnp.where(negative, hinge, 0.0)) / n, {
         "rank_violations": jnp.sum(negative & (hinge > 0)) / n}
+
+
+def ranker_reward(click_prob: np.ndarray, hit: np.ndarray, hit_weight: float = 0.0) -> np.ndarray:
+    """OneMall's retrieval-ranking reward (OneMall, Sec. 3.3, ``J = E_pi[R_rank]``): the frozen ranking model's
+    click probability of each generated item for the user and query, plus ``hit_weight`` for an item the user
+    actually interacted with (0 in the paper: the ranker alone is the reward).
+
+    ``click_prob [n]`` in [0, 1]; ``hit [n]`` bool -> ``[n]`` float32 rewards (host side, numpy).
+    """
+    return (np.asarray(click_prob, np.float32) + hit_weight * np.asarray(hit, np.float32)).astype(np.float32)

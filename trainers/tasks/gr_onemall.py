@@ -9,7 +9,10 @@ before it in time, any split); train targets are one relevant item per train ses
 Model: ``models/onemall.py`` (Query-Formers per behaviour, cross-attention fusion, sparse-MoE decoder).
 Loss: ``dsi_loss`` + ``moe.balance_weight`` x the Switch load-balancing loss + ``moe.z_weight`` x the router
 z-loss (``models/moe.py``). Evaluation on the ``eval.split`` sessions: ``hit_rate@k``, ``recall@k`` and
-``mrr`` with relevant = the session's clicked ∪ purchased items, beside the most-clicked-items ranking.
+``mrr`` with relevant = the session's clicked ∪ purchased items, beside the most-clicked-items ranking; with
+``rl.ranker`` (a KuaiSearch ranking run) also ``ranker@k``, the frozen ranker's mean click probability of the
+top-k generated items (``rank_features.CandidateRows`` makes their rank rows), the quantity RL raises
+(``gr_onemall_rl``).
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines.kuaisearch import examples as ex
+from data_pipelines.kuaisearch import rank_features as rf
 from data_pipelines.kuaisearch.transforms import BehaviourTransform, stack
+from data_pipelines.kuaisearch.worlds import candidate_rows
 from data_pipelines.sid.trie import TrieConstraint
 from models.beam_search import beam_search
 from models.gr import SIDVocab, code_log_probs, code_step
 from models.moe import MoEConfig, capture_aux
 from models.onemall import OneMall, OneMallConfig, inputs_of
 from trainers.flops import onemall_forward
+from trainers.frozen import Frozen
 from trainers.losses import dsi_loss
 from trainers.tasks import Batch, EvalContext, Metrics, register
 from trainers.tasks.gr_dsi import DSITask
@@ -46,6 +52,10 @@ def generate(model: OneMall, *arrays: jax.Array, keys: tuple[str, ...], trie, vo
 
 @register("gr_onemall")
 class OneMallTask(DSITask):
+    def __init__(self, config):
+        super().__init__(config)
+        if config.rl.ranker:
+            _ = self.ranker   # a wrong path fails now, not at the first evaluation
     @property
     def lengths(self) -> dict[str, int]:
         return {b: int(self.config.data.lengths[b]) for b in self.config.model.behaviours}
@@ -87,22 +97,66 @@ class OneMallTask(DSITask):
             spec["input_mask"] = jax.ShapeDtypeStruct((d.query_len,), np.bool_)
         return spec
 
-    def train_source(self):
+    @functools.cached_property
+    def train_examples(self) -> list[ex.Behaviours]:
+        """The train sessions with a relevant item that has a SID."""
         has = self.world.item_codes[:, 0] >= 0
         train = [e for e in self.examples.get("train", []) if any(has[r] for r in e.relevant)]
         if not train:
             raise ValueError(f"{self.world.recall.root}: no train session has a relevant item with a SID")
-        return train, self.transform
+        return train
+
+    def train_source(self):
+        return self.train_examples, self.transform
 
     def loss(self, model: OneMall, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         logits, aux = capture_aux(lambda model, b, d: model(b, d), model, batch, self.vocab.decoder_inputs(batch["codes"]))
         gen, metrics = dsi_loss(code_log_probs(self.vocab, logits), batch["codes"])
-        m = self.config.model.moe
+        moe, moe_metrics = self.moe_terms(aux)
+        return gen + moe, {**metrics, **moe_metrics, "gen_loss": gen}
+
+    def moe_terms(self, aux: dict) -> tuple[jax.Array | float, Metrics]:
+        """The weighted MoE auxiliary losses of ``capture_aux``'s ``aux`` (0 for a dense model) and their metrics."""
         if not aux:
-            return gen, metrics
+            return 0.0, {}
+        m, aux = self.config.model.moe, dict(aux)
         load = aux.pop("expert_load")
-        total = gen + m.balance_weight * aux["balance_loss"] + m.z_weight * aux["z_loss"]
-        return total, {**metrics, **aux, "gen_loss": gen, "expert_load_max": load.max() * load.size}
+        return (m.balance_weight * aux["balance_loss"] + m.z_weight * aux["z_loss"],
+                {**aux, "expert_load_max": load.max() * load.size})
+
+    # --- the frozen ranker: RL's reward, and ranker@k beside HR@k -------------------------------------------
+
+    @functools.cached_property
+    def ranker(self) -> Frozen | None:
+        return Frozen.load(self.config.rl.ranker) if self.config.rl.ranker else None
+
+    @functools.cached_property
+    def candidates(self) -> tuple[rf.CandidateRows, rf.RankFeaturizer]:
+        """The rank rows of proposed items (the world's ``rank`` rows, for the sessions of the examples) and the
+        ranker's featurizer over the world's ``users`` and ``items``."""
+        root = self.world.recall.root
+        rows = candidate_rows(root, [e.session_id for split in self.examples.values() for e in split])
+        users, items = rf.UserTable.from_rows(ex.read_rows(root, "users")), rf.ItemTable.from_rows(ex.read_rows(root, "items"))
+        return rows, rf.RankFeaturizer(self.ranker.task.feature_config(), users, items)
+
+    def ranker_scores(self, examples: list[ex.Behaviours], items: np.ndarray) -> np.ndarray:
+        """The ranker's click probability of ``items [n, k]`` (item ids, -1: none) proposed in the sessions of
+        ``examples`` (one per row) -> ``[n, k]`` float32, NaN where there is no item."""
+        from trainers.tasks.kuaisearch_rank import click_probability  # noqa: PLC0415
+
+        rows, featurize = self.candidates
+        corpus_ids = self.world.recall.corpus.ids
+        where = np.argwhere(items >= 0)
+        feats = [featurize(rows.row(examples[i].session_id, items[i, j], {
+            "user_id": examples[i].user_id, "query": examples[i].query,
+            "recently_clicked_item_ids": [int(x) for x in corpus_ids[list(examples[i].clicks[-20:])][::-1]]}))
+            for i, j in where]
+        out = np.full(items.shape, np.nan, np.float32)
+        if feats:
+            batch = stack(feats)
+            out[where[:, 0], where[:, 1]] = self.ranker.apply(
+                click_probability, *(batch[k] for k in rf.MODEL_INPUTS), batch_size=self.config.rl.ranker_batch)
+        return out
 
     def towers(self) -> dict:
         return {}
@@ -123,14 +177,20 @@ class OneMallTask(DSITask):
         if not tests:
             raise ValueError(f"{w.recall.root}: no {e.split!r} session with a relevant corpus item to evaluate")
         batch = stack([self.transform(x) for x in tests])
-        keys = tuple(k for k in self.inputs() if k != "codes")
+        keys = tuple(k for k in OneMallTask.inputs(self) if k != "codes")   # what the generator reads
         fn = functools.partial(generate, keys=keys, vocab=self.vocab, beams=e.beams)
         beam = ctx.apply(fn, *[batch[k] for k in keys], batch_size=e.batch_size, replicated={"trie": w.trie})
         ids = w.recall.corpus.ids
         relevant = [tuple(int(ids[r]) for r in x.relevant) for x in tests]
-        out = metrics.retrieval_metrics(self.leaves_to_items(beam["leaves"], max(ks)), relevant, ks)
+        generated = self.leaves_to_items(beam["leaves"], max(ks))
+        out = metrics.retrieval_metrics(generated, relevant, ks)
         out["beam_fill"] = float((beam["leaves"] >= 0).mean())
         top = popularity_ranking(ids, w.recall.clicks, max(ks))
         pop = metrics.retrieval_metrics(np.broadcast_to(top, (len(tests), top.size)), relevant, ks)
         out.update({f"popularity/{k}": v for k, v in pop.items() if not k.startswith("num_")})
+        if self.ranker is not None:
+            k = int(self.config.rl.eval_k)
+            out[f"ranker@{k}"] = float(np.nanmean(self.ranker_scores(tests, generated[:, :k])))
+            out[f"popularity/ranker@{k}"] = float(np.nanmean(self.ranker_scores(tests, np.broadcast_to(
+                top[:k], (len(tests), k)))))
         return out

@@ -33,7 +33,7 @@ from trainers.losses import sigmoid_cross_entropy
 from trainers.tasks import Batch, EvalContext, Metrics, Task, register
 
 
-def _predict(model: nnx.Module, *arrays: jax.Array) -> jax.Array:
+def click_probability(model: nnx.Module, *arrays: jax.Array) -> jax.Array:
     """Click probability ``[b]`` from the model inputs in ``rank_features.MODEL_INPUTS`` order."""
     return jax.nn.sigmoid(model(dict(zip(rf.MODEL_INPUTS, arrays))).astype(jnp.float32))
 
@@ -124,7 +124,7 @@ class KuaiSearchRankTask(Task):
             batches, stats = eval_batches(test, size, lambda r: featurize(r)), featurize.stats
         labels, probs = [], []
         for batch in batches:
-            probs.append(ctx.apply(_predict, *(batch[k] for k in rf.MODEL_INPUTS), batch_size=size))  # one program
+            probs.append(ctx.apply(click_probability, *(batch[k] for k in rf.MODEL_INPUTS), batch_size=size))  # one program
             labels.append(batch["label"])
         return np.concatenate(labels), np.concatenate(probs), stats
 
