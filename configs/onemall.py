@@ -11,6 +11,8 @@ Arguments:
   ``tiny_last``: the truncation baseline: the last 8 events of each behaviour through the same blocks.
   ``tiny_dense``: the dense generator at equal active parameters (feed-forward width 256).
   ``tiny_search``: ``tiny`` that also encodes the session's query (personalised search; 2 encoder layers).
+  ``tiny_scenario``: ``tiny`` with a scenario token: a session's scenario is its ``search_entrance`` (``mall`` |
+    ``homepage``, from its rank rows), HR@k reported per scenario.
   ``tiny_rl``: the RL phase on ``tiny``: GRPO with the KuaiSearch ranker as the reward, from a ``tiny`` run
     (``init_from.model.path``) and a ``configs/kuaisearch_rank.py:onemall`` run (``rl.ranker``) on the same world.
   ``base``: the paper-scale shapes (lowered, not trained, on CPU): 2,048 clicks, 512 purchases, 256 queries,
@@ -23,7 +25,7 @@ import ml_collections
 from configs.common import KUAISEARCH_SYNTHETIC, base_config, init_from_entry
 from configs.gr import t5_model
 
-VARIANTS = ("tiny", "tiny_last", "tiny_dense", "tiny_search", "tiny_rl", "base")
+VARIANTS = ("tiny", "tiny_last", "tiny_dense", "tiny_search", "tiny_scenario", "tiny_rl", "base")
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -61,6 +63,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.sid_table = ""
     c.data.lengths = ml_collections.ConfigDict(
         {"click": 256, "purchase": 64, "query": 32} if tiny else {"click": 2048, "purchase": 512, "query": 256})
+    # scenarios (one model, a scenario token): the session's search_entrance; () = no scenario token
+    c.data.scenarios = ("mall", "homepage") if arg == "tiny_scenario" else ()
     c.data.piece_len = 12 if tiny else 16      # pieces per past query
     c.data.query_len = 16 if tiny else 32      # the session's own query (when model.encoder_layers > 0)
     c.data.item_len = 48 if tiny else 64        # `ecomax gr sids`: the item texts the SIDs are fitted on

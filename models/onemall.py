@@ -14,12 +14,16 @@ through the same blocks in place of the learned queries (equal generator compute
 behaviour either way). ``generator.encoder_layers > 0`` also encodes the session's query (personalised
 search); 0 is recommendation from behaviour alone.
 
+One model serves several scenarios (OneMall: product cards, short videos, live streams) with a learned
+scenario token at the front of the memory (``scenarios > 0``; id 0 = unknown).
+
 Parameter layout::
 
     generator/...           models/seq2seq.py (embedding, decoder, lm_head; encoder when it reads a query)
     recency  [max_events, embed]   (None, "embed")
     kind     [behaviours, embed]   (None, "embed")
     compress/{behaviour}/...       models/query_former.py
+    scenario [scenarios, embed]    (None, "embed")   (when scenarios > 0)
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class OneMallConfig:
     qformer_layers: int = 2
     compress: str = "qformer"      # "qformer" | "last" (truncation to the last K events)
     max_events: int = 256          # recency table rows: the longest sequence
+    scenarios: int = 0             # scenario ids (0 = unknown, then one per scenario); 0: no scenario token
 
     def __post_init__(self):
         if self.compress not in ("qformer", "last"):
@@ -71,6 +76,8 @@ class OneMall(nnx.Module):
         self.kind = param(rngs, _normal(0.02), (len(cfg.behaviours), g.d_model), (None, "embed"))
         self.compress = nnx.Dict({b: QueryFormer(g, cfg.num_queries, cfg.qformer_layers, dtype=dtype, rngs=rngs)
                                   for b in cfg.behaviours})
+        self.scenario = (param(rngs, _normal(1.0), (cfg.scenarios, g.d_model), (None, "embed"))
+                         if cfg.scenarios else None)
 
     def events(self, behaviour: str, batch: dict) -> tuple[Array, Array]:
         """-> event embeddings [b, n, embed] and their mask [b, n] (right-aligned: the newest event last)."""
@@ -91,9 +98,12 @@ class OneMall(nnx.Module):
         return x, mask
 
     def memory(self, batch: dict) -> tuple[Array, Array]:
-        """-> the decoder's memory [b, M, embed] and mask [b, M]: the encoded query (if read), then K tokens
-        per behaviour."""
+        """-> the decoder's memory [b, M, embed] and mask [b, M]: the scenario token (``batch["scenario"] [b]``,
+        when the model has scenarios), the encoded query (if read), then K tokens per behaviour."""
         parts, masks = [], []
+        if self.scenario is not None:
+            parts.append(self.scenario[...][batch["scenario"]][:, None].astype(self.dtype))
+            masks.append(jnp.ones((batch["scenario"].shape[0], 1), bool))
         if self.generator.encoder is not None:
             parts.append(self.generator.encode(batch["input_ids"], batch["input_mask"]))
             masks.append(batch["input_mask"].astype(bool))

@@ -14,6 +14,9 @@ from models import seq2seq
 from models.moe import MoEConfig
 from models.query_former import QueryFormer
 
+# the module fixtures (the SID table, a ranker run) are built once: this file runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_onemall")
+
 
 def test_query_former_compresses_to_k_tokens_and_never_reads_padding():
     cfg = seq2seq.tiny(64)
@@ -71,6 +74,11 @@ def test_behaviour_examples_see_only_earlier_sessions_and_transform_right_aligns
     assert x["query_ids"].shape == (2, 3) and x["query_mask"].all()   # the last two of three queries
     np.testing.assert_array_equal(x["codes"], [-1, -1])             # the only relevant item lacks a SID
     assert "input_ids" not in x
+    assert "scenario" not in x
+    by_scenario = BehaviourTransform(tokenizer, codes, (100, 200), {"click": 4}, piece_len=3, scenarios=("mall", "homepage"))
+    marked = ex.with_scenarios({"test": [last]}, {last.session_id: "homepage"})["test"][0]
+    assert by_scenario(marked)["scenario"] == 2 and by_scenario(last)["scenario"] == 0   # "" (unknown) -> 0
+    assert ex.with_scenarios({"test": [last]}, {})["test"][0].scenario == ""
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +91,21 @@ def onemall_sids(tmp_path_factory):
 
 
 def test_onemall_trains_and_generates_valid_sids_with_moe_metrics(onemall_sids, tmp_path):
+    """``tiny_scenario``: ``tiny`` + the scenario token (the session's search entrance), HR per scenario."""
     import json
 
     from trainers.loop import Trainer
 
-    config = load_test_config("configs/onemall.py:tiny", f"data.sid_table={onemall_sids}", "mesh.data=2",
+    config = load_test_config("configs/onemall.py:tiny_scenario", f"data.sid_table={onemall_sids}", "mesh.data=2",
                               "train.steps=30", "train.log_every=10", "train.checkpoint_every=30",
                               "optimizer.warmup_steps=5", "eval.max_examples=64", "eval.batch_size=32",
                               "data.lengths.click=64", "data.lengths.purchase=16", "data.lengths.query=8")
     trainer = Trainer.create(config, tmp_path, jax.devices()[:2])
     ev = trainer.run().eval_metrics
     assert ev["beam_fill"] == 1.0 and ev["num_queries_evaluated"] == 64 and 0 <= ev["hit_rate@10"] <= 1
+    assert trainer.task.model_config().scenarios == 3 and "scenario" in trainer.spec.abstract_params
+    by = [ev[f"scenario/{name}/num_queries_evaluated"] for name in ("mall", "homepage")]
+    assert min(by) > 0 and sum(by) == 64 and 0 <= ev["scenario/homepage/hit_rate@10"] <= 1  # every session has rank rows
     records = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "gen_loss" in r]
     assert [r["step"] for r in train] == [10, 20, 30] and train[-1]["gen_loss"] < train[0]["gen_loss"]
@@ -195,3 +207,23 @@ def test_onemall_rl_scores_rollouts_with_the_ranker_and_resumes_bitwise(onemall_
     assert records(tmp_path / "resumed") == train
     for a, b in zip(*(jax.tree.leaves(checkpoint_params(str(tmp_path / w), 4, "")) for w in ("straight", "resumed"))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_scenario_token_leads_the_memory_and_changes_the_generation():
+    from models.onemall import OneMall, OneMallConfig
+
+    cfg = OneMallConfig(seq2seq.tiny(64, encoder_layers=0), behaviours=("click",), num_queries=2, qformer_layers=1,
+                        max_events=6, scenarios=3)
+    with nnx.use_eager_sharding(False):
+        model = OneMall(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    batch = {"click_tokens": jnp.asarray(rng.integers(1, 64, (2, 6, 3)), jnp.int32), "click_mask": jnp.ones((2, 6), bool),
+             "scenario": jnp.array([1, 2], jnp.int32)}
+    memory, mask = model.memory(batch)
+    assert memory.shape == (2, 1 + 2, cfg.generator.d_model) and bool(mask.all())
+    np.testing.assert_allclose(memory[:, 0], model.scenario[...][jnp.array([1, 2])], atol=1e-6)
+    dec = jnp.zeros((2, 3), jnp.int32)
+    swapped = model({**batch, "scenario": jnp.array([2, 2], jnp.int32)}, dec)
+    out = model(batch, dec)
+    assert float(jnp.abs(swapped[0] - out[0]).max()) > 1e-4       # row 0's scenario changed: its logits did
+    np.testing.assert_allclose(swapped[1], out[1], atol=1e-6)       # row 1's did not

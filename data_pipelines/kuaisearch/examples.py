@@ -232,6 +232,7 @@ class Behaviours:
     purchases: tuple[int, ...]
     queries: tuple[str, ...]
     relevant: tuple[int, ...]
+    scenario: str = ""          # where the session happened (``with_scenarios``); "" unknown
 
 
 def behaviour_examples(rows: Iterable[Mapping[str, Any]], corpus: ItemCorpus, max_events: int,
@@ -264,6 +265,12 @@ def behaviour_examples(rows: Iterable[Mapping[str, Any]], corpus: ItemCorpus, ma
                     user, int(row["session_id"]), str(row["query"]).strip(), tuple(clicks[-max_events:]),
                     tuple(purchases[-max_events:]), tuple(queries[-max_queries:]), relevant))
     return dict(out)
+
+
+def with_scenarios(examples: dict[str, list[Behaviours]], scenario_of: Mapping[int, str]) -> dict[str, list[Behaviours]]:
+    """The examples with each session's scenario, ``scenario_of[session_id]`` ("" when it has none)."""
+    return {split: [dataclasses.replace(e, scenario=str(scenario_of.get(e.session_id, ""))) for e in rows]
+            for split, rows in examples.items()}
 
 
 @dataclasses.dataclass(frozen=True)

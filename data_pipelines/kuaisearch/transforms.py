@@ -73,16 +73,17 @@ class HistoryTransform:
 
 class BehaviourTransform:
     """``Behaviours -> {click_tokens, click_mask, purchase_tokens, purchase_mask, query_ids, query_mask, codes}``
-    (OneMall's input; ``input_ids``, ``input_mask`` too with ``query_len`` > 0): item events as their SIDs'
+    (OneMall's input; ``input_ids``, ``input_mask`` too with ``query_len`` > 0, ``scenario`` with ``scenarios``): item events as their SIDs'
     code tokens ``[n, D]`` (``token_offsets`` added; items without a SID left out), past queries as pieces
     ``[n, piece_len]``; each sequence the last ``lengths[kind]`` events, right-aligned (the newest in the last
     slot, 0-padded on the left), and the SID of one relevant item drawn per example (the first without rng)."""
 
     def __init__(self, tokenizer: Any, item_codes: np.ndarray, token_offsets: Sequence[int],
-                 lengths: Mapping[str, int], piece_len: int, query_len: int = 0):
+                 lengths: Mapping[str, int], piece_len: int, query_len: int = 0, scenarios: Sequence[str] = ()):
         self.tokenizer, self.item_codes = tokenizer, item_codes
         self.offsets = np.asarray(token_offsets, np.int32)
         self.lengths, self.piece_len, self.query_len = dict(lengths), piece_len, query_len
+        self.scenarios = tuple(scenarios)
 
     def _items(self, rows: Sequence[int], n: int) -> tuple[np.ndarray, np.ndarray]:
         rows = [r for r in rows if self.item_codes[r, 0] >= 0][-n:] if n else []
@@ -107,6 +108,8 @@ class BehaviourTransform:
         if self.query_len:
             q_ids, q_mask = ex.encode_texts(self.tokenizer, [e.query], self.query_len)
             out["input_ids"], out["input_mask"] = q_ids[0], q_mask[0]
+        if self.scenarios:   # 1 + its index in ``scenarios``; 0 for any other (unknown)
+            out["scenario"] = np.int32(self.scenarios.index(e.scenario) + 1 if e.scenario in self.scenarios else 0)
         rows = [r for r in e.relevant if self.item_codes[r, 0] >= 0] or list(e.relevant)
         out["codes"] = self.item_codes[rows[int(rng.integers(len(rows))) if rng is not None else 0]]
         return out

@@ -61,16 +61,31 @@ class OneMallTask(DSITask):
         return {b: int(self.config.data.lengths[b]) for b in self.config.model.behaviours}
 
     @functools.cached_property
-    def examples(self) -> dict[str, list[ex.Behaviours]]:
+    def sessions(self) -> dict[str, list[ex.Behaviours]]:
+        """Every session with a relevant item and its behaviour history, by split."""
         w = self.world
         return ex.behaviour_examples(ex.read_rows(w.recall.root, "recall"), w.recall.corpus,
                                      max(self.lengths.values()), self.lengths.get("query", 0))
 
     @functools.cached_property
+    def contexts(self) -> rf.CandidateRows:
+        """The rank rows' session contexts and item fields of the sessions (cached after the first read)."""
+        return candidate_rows(self.world.recall.root, [e.session_id for split in self.sessions.values() for e in split])
+
+    @functools.cached_property
+    def examples(self) -> dict[str, list[ex.Behaviours]]:
+        """The sessions, with their scenario when ``data.scenarios`` is set: the rule is the ``search_entrance``
+        of the session's rank rows (KuaiSearch's recall rows do not carry it); unknown without rank rows."""
+        if not self.config.data.scenarios:
+            return self.sessions
+        return ex.with_scenarios(self.sessions, {s: c["search_entrance"] for s, c in self.contexts.contexts.items()})
+
+    @functools.cached_property
     def transform(self) -> BehaviourTransform:
         d = self.config.data
         return BehaviourTransform(self.world.recall.tokenizer, self.world.item_codes, self.vocab.offsets,
-                                  self.lengths, d.piece_len, d.query_len if self.config.model.encoder_layers else 0)
+                                  self.lengths, d.piece_len, d.query_len if self.config.model.encoder_layers else 0,
+                                  tuple(d.scenarios))
 
     def model_config(self) -> OneMallConfig:
         m = self.config.model
@@ -79,7 +94,8 @@ class OneMallTask(DSITask):
         generator = dataclasses.replace(super().model_config(), moe=moe, moe_every=m.moe.every)
         return OneMallConfig(generator, behaviours=tuple(m.behaviours), num_queries=m.num_queries,
                              qformer_layers=m.qformer_layers, compress=m.compress,
-                             max_events=max(self.lengths.values()))
+                             max_events=max(self.lengths.values()),
+                             scenarios=len(self.config.data.scenarios) + 1 if self.config.data.scenarios else 0)
 
     def build_model(self, rngs: nnx.Rngs) -> OneMall:
         return OneMall(self.model_config(), rngs=rngs)
@@ -92,6 +108,8 @@ class OneMallTask(DSITask):
             width = d.piece_len if b == "query" else depth
             spec[ids] = jax.ShapeDtypeStruct((n, width), np.int32)
             spec[mask] = jax.ShapeDtypeStruct((n, width) if b == "query" else (n,), np.bool_)
+        if self.config.data.scenarios:
+            spec["scenario"] = jax.ShapeDtypeStruct((), np.int32)
         if self.config.model.encoder_layers:
             spec["input_ids"] = jax.ShapeDtypeStruct((d.query_len,), np.int32)
             spec["input_mask"] = jax.ShapeDtypeStruct((d.query_len,), np.bool_)
@@ -135,9 +153,8 @@ class OneMallTask(DSITask):
         """The rank rows of proposed items (the world's ``rank`` rows, for the sessions of the examples) and the
         ranker's featurizer over the world's ``users`` and ``items``."""
         root = self.world.recall.root
-        rows = candidate_rows(root, [e.session_id for split in self.examples.values() for e in split])
         users, items = rf.UserTable.from_rows(ex.read_rows(root, "users")), rf.ItemTable.from_rows(ex.read_rows(root, "items"))
-        return rows, rf.RankFeaturizer(self.ranker.task.feature_config(), users, items)
+        return self.contexts, rf.RankFeaturizer(self.ranker.task.feature_config(), users, items)
 
     def ranker_scores(self, examples: list[ex.Behaviours], items: np.ndarray) -> np.ndarray:
         """The ranker's click probability of ``items [n, k]`` (item ids, -1: none) proposed in the sessions of
@@ -185,6 +202,10 @@ class OneMallTask(DSITask):
         generated = self.leaves_to_items(beam["leaves"], max(ks))
         out = metrics.retrieval_metrics(generated, relevant, ks)
         out["beam_fill"] = float((beam["leaves"] >= 0).mean())
+        for name in self.config.data.scenarios:   # HR@k of each scenario's sessions
+            rows = [i for i, x in enumerate(tests) if x.scenario == name]
+            by = metrics.retrieval_metrics(generated[rows], [relevant[i] for i in rows], ks) if rows else {}
+            out.update({f"scenario/{name}/{k}": v for k, v in by.items() if k.startswith("hit_rate@") or k == "num_queries_evaluated"})
         top = popularity_ranking(ids, w.recall.clicks, max(ks))
         pop = metrics.retrieval_metrics(np.broadcast_to(top, (len(tests), top.size)), relevant, ks)
         out.update({f"popularity/{k}": v for k, v in pop.items() if not k.startswith("num_")})
