@@ -227,3 +227,24 @@ def test_the_scenario_token_leads_the_memory_and_changes_the_generation():
     out = model(batch, dec)
     assert float(jnp.abs(swapped[0] - out[0]).max()) > 1e-4       # row 0's scenario changed: its logits did
     np.testing.assert_allclose(swapped[1], out[1], atol=1e-6)       # row 1's did not
+
+
+def test_a_frozen_model_scores_in_padded_batches_and_refuses_a_config_that_does_not_fit(ranker_run, tmp_path):
+    import json
+    import shutil
+
+    from trainers.frozen import Frozen
+
+    ranker = Frozen.load(ranker_run)
+    x = np.arange(1500, dtype=np.float32)
+    for n in (1, 3, 1500):   # one row, a padded power of two, and two batches of 1,024 with a padded tail
+        np.testing.assert_array_equal(ranker.apply(lambda model, a: a * 2, x[:n], batch_size=1024), 2 * x[:n])
+    other = tmp_path / "other"
+    shutil.copytree(ranker_run, other)
+    config = json.loads((other / "config.json").read_text())
+    config["model"]["embed_dim"] *= 2
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="parameter .* in the checkpoint"):
+        Frozen.load(other)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        Frozen.load(tmp_path)

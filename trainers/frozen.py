@@ -61,11 +61,13 @@ class Frozen:
         return cls(config, task, spec.graphdef, jax.device_put(jax.tree.unflatten(treedef, leaves)), folder)
 
     def apply(self, fn: Callable[..., jax.Array], *arrays: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-        """``fn(model, *batch) -> [b, ...]`` over ``arrays`` in batches of ``batch_size`` (the last one padded,
-        so there is one compiled program), jitted on the first device; -> numpy, ``len(arrays[0])`` rows."""
+        """``fn(model, *batch) -> [b, ...]`` over ``arrays`` in batches of ``batch_size`` (or the power of two that
+        holds all rows, when smaller; the last batch padded, so each size compiles once), jitted on the first
+        device; -> numpy, ``len(arrays[0])`` rows."""
         if fn not in self._compiled:
             self._compiled[fn] = jax.jit(lambda params, *xs: fn(nnx.merge(self.graphdef, params), *xs))
         run, n = self._compiled[fn], len(arrays[0])
+        batch_size = min(batch_size, 1 << max(0, n - 1).bit_length())
         out = []
         for start in range(0, n, batch_size):
             chunk = [np.asarray(a[start:start + batch_size]) for a in arrays]
