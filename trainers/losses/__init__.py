@@ -6,6 +6,8 @@
 * ``relevance``: ``binary_relevance_loss`` (query–item match classification);
 * ``grpo``: ``group_advantages``, ``grpo_loss`` (GRPO, for policies trained on their own rollouts);
 * ``generative``: ``dsi_loss``, ``ltrgr_rank_loss``, ``ranker_reward`` (generative retrieval, OneMall's RL reward);
+* ``onesearch``: ``self_distillation_loss``, ``r_drop_loss``, ``fgm_perturbation``, ``focal_loss`` and TPMA-GRPO's
+  ``tpma_prefix_rewards``, ``tpma_advantages``, ``tpma_gates``, ``tpma_grpo_loss``, ``onesearch_item_reward`` (OneSearch-V2);
 * ``semantic_ids``: ``reconstruction_loss``, ``rq_loss``, ``rq_vae_loss`` (RQ-VAE semantic-ID tokenizers).
 """
 
