@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -347,3 +348,60 @@ def init_rq_kmeans_state(levels: int, codes: int, dim: int, items: int) -> dict[
             "sums": zero(codes, dim), "counts": zero(codes), "inertia": zero(),
             "far_d2": jnp.full((codes,), -1.0, jnp.float32), "far_points": zero(codes, dim),
             "level": scalar(), "iteration": scalar(), "pass_step": scalar()}
+
+
+# ----------------------------------------------------------------------------- OPQ (OneSearch-V2's last two codes)
+
+
+class OPQ(NamedTuple):
+    rotation: jax.Array    # [d, d] orthogonal: codes are of x @ rotation
+    centroids: jax.Array   # [M, K, d / M] per sub-space
+
+
+def opq_encode(x: jax.Array, opq: OPQ) -> jax.Array:
+    """``x [n, d]`` -> the nearest sub-space centroid of ``x R`` in each of the ``M`` sub-spaces: ``[n, M]`` int32."""
+    m, _, sub = opq.centroids.shape
+    y = (x @ opq.rotation).reshape(x.shape[0], m, sub)
+    return jnp.stack([nearest(y[:, j], opq.centroids[j])[0] for j in range(m)], axis=1)
+
+
+def opq_decode(codes: jax.Array, opq: OPQ) -> jax.Array:
+    """``codes [n, M]`` -> the reconstructions ``[n, d]`` in the original space (``y_hat R^T``)."""
+    parts = [opq.centroids[j][codes[:, j]] for j in range(codes.shape[1])]
+    return jnp.concatenate(parts, axis=1) @ opq.rotation.T
+
+
+@functools.partial(jax.jit, static_argnames=("subspaces", "codes", "iterations", "lloyd_steps"))
+def opq_fit(x: jax.Array, key: jax.Array, *, subspaces: int = 2, codes: int = 256, iterations: int = 20,
+            lloyd_steps: int = 2) -> OPQ:
+    """Optimized product quantization, non-parametric (Ge et al. 2014, "Optimized Product Quantization", Alg. 1):
+    alternate ``lloyd_steps`` Lloyd iterations of k-means in each of the ``subspaces`` slices of ``x R`` with the
+    orthogonal Procrustes update ``R = U V^T`` (``U S V^T`` the SVD of ``x^T y_hat``), ``iterations`` times from
+    ``R = I`` and centroids drawn from the rows. OneSearch-V2 codes the residual after three k-means levels with
+    2 sub-spaces x 256 codes. ``x [n, d]`` (``d`` divisible by ``subspaces``, ``n >= codes``) -> ``OPQ``."""
+    n, d = x.shape
+    if d % subspaces or n < codes:
+        raise ValueError(f"opq_fit: d={d} must split into {subspaces} sub-spaces and n={n} >= codes={codes}")
+    sub = d // subspaces
+    rows = jax.random.choice(key, n, (codes,), replace=False)
+    centroids = x[rows].reshape(codes, subspaces, sub).transpose(1, 0, 2)
+
+    def lloyd(c, y):                                   # one Lloyd step in one sub-space; empty codes keep theirs
+        code, _ = nearest(y, c)
+        sums, counts = jax.ops.segment_sum(y, code, codes), jax.ops.segment_sum(jnp.ones(n), code, codes)
+        return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], c)
+
+    def iteration(carry, _):
+        rotation, centroids = carry
+        y = (x @ rotation).reshape(n, subspaces, sub)
+        for _ in range(lloyd_steps):
+            centroids = jnp.stack([lloyd(centroids[j], y[:, j]) for j in range(subspaces)])
+        y_hat = jnp.concatenate([centroids[j][nearest(y[:, j], centroids[j])[0]] for j in range(subspaces)], axis=1)
+        u, _, vt = jnp.linalg.svd(x.T @ y_hat)
+        return (u @ vt, centroids), None
+
+    (rotation, centroids), _ = jax.lax.scan(iteration, (jnp.eye(d, dtype=x.dtype), centroids), None, iterations)
+    y = (x @ rotation).reshape(n, subspaces, sub)        # the centroids of the final rotation
+    for _ in range(lloyd_steps):
+        centroids = jnp.stack([lloyd(centroids[j], y[:, j]) for j in range(subspaces)])
+    return OPQ(rotation, centroids)
