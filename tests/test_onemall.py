@@ -81,7 +81,7 @@ def test_behaviour_examples_see_only_earlier_sessions_and_transform_right_aligns
     assert ex.with_scenarios({"test": [last]}, {})["test"][0].scenario == ""
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # session: built once per worker even when other modules' tests interleave
 def onemall_sids(tmp_path_factory):
     from launch.gr import build_sids
 
@@ -161,7 +161,7 @@ def test_candidate_rows_take_the_sessions_context_and_the_items_newest_fields(tm
     assert back.contexts == cand.contexts and back.items == {k: v for k, v in cand.items.items()}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ranker_run(tmp_path_factory):
     """A KuaiSearch ranker (a few steps on the rank tests' world: ids are hashed, so it scores any world)."""
     from trainers.loop import Trainer
@@ -174,17 +174,16 @@ def ranker_run(tmp_path_factory):
 
 def test_onemall_rl_scores_rollouts_with_the_ranker_and_resumes_bitwise(onemall_sids, ranker_run, tmp_path):
     """GRPO with the frozen ranker as reward: valid sampled SIDs scored on the host, ranker@10 in the evaluation,
-    and a run stopped at step 2 and resumed equals the straight run (every metric and parameter bitwise)."""
+    and a run resumed from its step-2 checkpoint repeats steps 3 and 4 bitwise (every metric and parameter)."""
     import json
 
+    from trainers.init_from import checkpoint_params
     from trainers.loop import Trainer
 
-    from trainers.init_from import checkpoint_params
-
-    def config(stop_after=0):
+    def config(restore_step=0):
         return load_test_config(
             "configs/onemall.py:tiny_rl", f"data.sid_table={onemall_sids}", f"rl.ranker={ranker_run}", "mesh.data=2",
-            "train.steps=4", f"train.stop_after={stop_after}", "train.log_every=1", "train.checkpoint_every=2",
+            "train.steps=4", f"train.restore_step={restore_step}", "train.log_every=1", "train.checkpoint_every=2",
             "train.batch_size=4", "rl.group=4", "eval.max_examples=32", "eval.batch_size=32", "eval.beams=10",
             "data.lengths.click=32", "data.lengths.purchase=8", "data.lengths.query=4", "model.qformer_layers=1",
             "model.decoder_layers=1")
@@ -194,18 +193,20 @@ def test_onemall_rl_scores_rollouts_with_the_ranker_and_resumes_bitwise(onemall_
         return [{k: v for k, v in r.items() if k not in ("examples_per_sec", "step_time", "time")} for r in out
                 if "reward" in r]
 
-    ev = Trainer.create(config(), tmp_path / "straight", jax.devices()[:2]).run().eval_metrics
+    ev = Trainer.create(config(), tmp_path, jax.devices()[:2]).run().eval_metrics
     assert 0 < ev["ranker@10"] < 1 and 0 < ev["popularity/ranker@10"] < 1 and ev["beam_fill"] == 1.0
-    train = records(tmp_path / "straight")
+    train = records(tmp_path)
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for r in train:
         assert 0 < r["ranker_prob"] < 1 and r["reward"] == r["ranker_prob"] and 0 <= r["hit"] <= 1
         assert r["kl"] > -1e-6 and 0 <= r["clip_fraction"] <= 1 and np.isfinite(r["pg_loss"])
     assert abs(train[0]["kl"]) < 1e-6 and train[-1]["kl"] > 1e-6    # step 1: the policy is the reference
-    assert Trainer.create(config(stop_after=2), tmp_path / "resumed", jax.devices()[:2]).run().status == "stopped"
-    Trainer.create(config(), tmp_path / "resumed", jax.devices()[:2]).run()
-    assert records(tmp_path / "resumed") == train
-    for a, b in zip(*(jax.tree.leaves(checkpoint_params(str(tmp_path / w), 4, "")) for w in ("straight", "resumed"))):
+    straight = jax.tree.leaves(checkpoint_params(str(tmp_path), 4, ""))
+    # resume from the step-2 checkpoint (step 4 is set aside): steps 3 and 4 again, bitwise
+    Trainer.create(config(restore_step=2), tmp_path, jax.devices()[:2]).run()
+    again = records(tmp_path)
+    assert [r["step"] for r in again] == [1, 2, 3, 4, 3, 4] and again[4:] == train[2:]
+    for a, b in zip(straight, jax.tree.leaves(checkpoint_params(str(tmp_path), 4, ""))):
         np.testing.assert_array_equal(a, b)
 
 

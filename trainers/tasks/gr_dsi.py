@@ -26,7 +26,7 @@ from flax import nnx
 from data_pipelines.kuaisearch import examples as ex
 from data_pipelines.kuaisearch.transforms import GenerativeTransform
 from data_pipelines.kuaisearch.worlds import GenerativeWorld
-from data_pipelines.sid.trie import TrieConstraint, leaves_to_items
+from data_pipelines.sid.trie import Trie, TrieConstraint, leaves_to_items
 from models.beam_search import beam_search
 from models.gr import SIDVocab, code_log_probs, code_step
 from models.seq2seq import Seq2Seq, Seq2SeqConfig
@@ -133,6 +133,15 @@ class DSITask(Task):
         beam = ctx.apply(fn, ids, mask, batch_size=e.batch_size, replicated={"trie": w.trie})
         items = self.leaves_to_items(beam["leaves"], max(int(k) for k in e.ks))
         return {**beam, "items": items, "input_ids": ids, "input_mask": mask}
+
+    def trie_state(self) -> dict[str, jax.Array]:
+        """The SID trie's arrays, for a task that decodes inside its train step to keep in its state (replicated)."""
+        return {k: jnp.asarray(v) for k, v in self.world.trie.arrays.items()}
+
+    def trie(self, extra) -> Trie:
+        """The trie of ``trie_state`` held in the task state ``extra["trie"]``."""
+        t = self.world.trie
+        return Trie(extra["trie"], t.sizes, t.dense_levels, t.max_degree)
 
     def leaves_to_items(self, leaves: np.ndarray, k: int) -> np.ndarray:
         """Beam leaves ``[Q, W]`` -> item ids ``[Q, k]`` (-1 padded; a shared SID gives all its items)."""

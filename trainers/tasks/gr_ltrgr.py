@@ -13,11 +13,9 @@ score the model's teacher-forced log-likelihood of a SID. The trie rides in the 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines.kuaisearch.transforms import GenerativeTransform
-from data_pipelines.sid.trie import Trie
 from models.gr import code_log_probs, sequence_log_prob
 from trainers.losses import dsi_loss, ltrgr_rank_loss
 from trainers.tasks import Batch, Metrics, register
@@ -36,11 +34,7 @@ class LTRGRTask(DSITask):
             w.recall.tokenizer, w.item_codes, d.query_len, max_relevant=self.config.ltrgr.max_relevant)
 
     def init_extra(self, params, rng: jax.Array) -> dict:
-        return {"trie": {k: jnp.asarray(v) for k, v in self.world.trie.arrays.items()}}
-
-    def trie(self, extra) -> Trie:
-        t = self.world.trie
-        return Trie(extra["trie"], t.sizes, t.dense_levels, t.max_degree)
+        return {"trie": self.trie_state()}
 
     def rollout(self, ctx, state, batch: Batch, rng: jax.Array) -> Batch:
         """The live model's beam on the batch's queries: ``candidates [B, W, D]`` and which are negatives."""

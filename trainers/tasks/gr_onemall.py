@@ -56,6 +56,7 @@ class OneMallTask(DSITask):
         super().__init__(config)
         if config.rl.ranker:
             _ = self.ranker   # a wrong path fails now, not at the first evaluation
+
     @property
     def lengths(self) -> dict[str, int]:
         return {b: int(self.config.data.lengths[b]) for b in self.config.model.behaviours}
@@ -68,7 +69,7 @@ class OneMallTask(DSITask):
                                      max(self.lengths.values()), self.lengths.get("query", 0))
 
     @functools.cached_property
-    def contexts(self) -> rf.CandidateRows:
+    def rank_rows(self) -> rf.CandidateRows:
         """The rank rows' session contexts and item fields of the sessions (cached after the first read)."""
         return candidate_rows(self.world.recall.root, [e.session_id for split in self.sessions.values() for e in split])
 
@@ -78,7 +79,7 @@ class OneMallTask(DSITask):
         of the session's rank rows (KuaiSearch's recall rows do not carry it); unknown without rank rows."""
         if not self.config.data.scenarios:
             return self.sessions
-        return ex.with_scenarios(self.sessions, {s: c["search_entrance"] for s, c in self.contexts.contexts.items()})
+        return ex.with_scenarios(self.sessions, {s: c["search_entrance"] for s, c in self.rank_rows.contexts.items()})
 
     @functools.cached_property
     def transform(self) -> BehaviourTransform:
@@ -149,19 +150,18 @@ class OneMallTask(DSITask):
         return Frozen.load(self.config.rl.ranker) if self.config.rl.ranker else None
 
     @functools.cached_property
-    def candidates(self) -> tuple[rf.CandidateRows, rf.RankFeaturizer]:
-        """The rank rows of proposed items (the world's ``rank`` rows, for the sessions of the examples) and the
-        ranker's featurizer over the world's ``users`` and ``items``."""
+    def ranker_featurizer(self) -> rf.RankFeaturizer:
+        """The ranker's featurizer over the world's ``users`` and ``items``."""
         root = self.world.recall.root
         users, items = rf.UserTable.from_rows(ex.read_rows(root, "users")), rf.ItemTable.from_rows(ex.read_rows(root, "items"))
-        return self.contexts, rf.RankFeaturizer(self.ranker.task.feature_config(), users, items)
+        return rf.RankFeaturizer(self.ranker.task.feature_config(), users, items)
 
     def ranker_scores(self, examples: list[ex.Behaviours], items: np.ndarray) -> np.ndarray:
         """The ranker's click probability of ``items [n, k]`` (item ids, -1: none) proposed in the sessions of
         ``examples`` (one per row) -> ``[n, k]`` float32, NaN where there is no item."""
         from trainers.tasks.kuaisearch_rank import click_probability  # noqa: PLC0415
 
-        rows, featurize = self.candidates
+        rows, featurize = self.rank_rows, self.ranker_featurizer
         corpus_ids = self.world.recall.corpus.ids
         where = np.argwhere(items >= 0)
         feats = [featurize(rows.row(examples[i].session_id, items[i, j], {

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines.kuaisearch.transforms import Indexed
-from data_pipelines.sid.trie import Trie, TrieConstraint
+from data_pipelines.sid.trie import TrieConstraint
 from models.beam_search import sample
 from models.gr import code_log_probs, code_step, path_log_probs
 from models.moe import capture_aux
@@ -43,12 +43,10 @@ class OneMallRLTask(OneMallTask):
         return {**super().inputs(), "example": jax.ShapeDtypeStruct((), np.int32)}
 
     def init_extra(self, params, rng: jax.Array) -> dict:
-        trie = {k: jnp.asarray(v) for k, v in self.world.trie.arrays.items()}
-        return {"reference": params, "trie": trie}   # GRPO's frozen reference: the SFT generator (init_from)
+        return {"reference": params, "trie": self.trie_state()}   # GRPO's reference: the SFT generator (init_from)
 
     def constraint(self, extra) -> TrieConstraint:
-        t = self.world.trie
-        return TrieConstraint(Trie(extra["trie"], t.sizes, t.dense_levels, t.max_degree))
+        return TrieConstraint(self.trie(extra))
 
     def sampled_log_probs(self, model: OneMall, batch: Batch, constraint: TrieConstraint) -> jax.Array:
         """``[N, D]`` log-probs of ``batch["sampled"]`` under the policy the sampler draws from."""
