@@ -75,7 +75,7 @@ def path_log_probs(vocab: SIDVocab, logits: jax.Array, codes: jax.Array, constra
     """Each code's teacher-forced log-probability under the policy that ``beam_search.sample`` draws from:
     ``logits [B, D, V]``, ``codes [B, D]`` (valid SIDs) -> ``[B, D]`` float32, level ``l``'s block at
     ``temperature``, renormalised over the trie's children of the path's prefix when ``constraint`` is given
-    (its ``children``/``allowed``+``advance`` protocol, ``models/beam_search.py``)."""
+    (it needs the fused ``children(level, prefix)`` lookup, as ``TrieConstraint`` has)."""
     out, prefix = [], jnp.zeros(codes.shape[0], jnp.int32)
     for level in range(vocab.depth):
         lp = vocab.level_logits(logits[:, level], level).astype(jnp.float32) / temperature
