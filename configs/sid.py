@@ -4,7 +4,8 @@
     ecomax sid build --config configs/sid.py:lite --embeddings items.npy --out sids/
 Arguments: ``tiny`` (synthetic items, CPU, seconds), ``lite`` (OneSearch: 3 levels x 1024 codes),
 ``lite_tiger`` (TIGER: 3 x 256 + a dedup digit), ``lite_kuaisearch`` (the KuaiSearch paper's generative
-retrieval rows: 3 x 512 + a dedup digit), all at KuaiSearch-Lite's 6.6M items and 768-d embeddings;
+retrieval rows: 3 x 512 + a dedup digit), ``lite_onesearch`` (OneSearch-V2: 3 x 1024 + 2 OPQ sub-codes x 256 of
+the final residual; ``onesearch_tiny``: 3 x 16 + 2 x 16), all at KuaiSearch-Lite's 6.6M items and 768-d embeddings;
 ``rqvae_tiny`` and ``rqvae_lite`` (TIGER's RQ-VAE: 768 -> 512 -> 256 -> 128 -> 32, 3 x 256, beta 0.25);
 ``quasid_tiny``/``quasid_lite`` and ``adasid_tiny``/``adasid_lite``: that RQ-VAE with QuaSID's or AdaSID's
 collision regulation, trained on co-engaged item pairs (``data.pairs``).
@@ -22,6 +23,8 @@ VARIANTS = {
     "lite":       (3,     1024, 768, 20,        65_536, 6_600_000, 65_536),
     "lite_tiger": (3,     256,  768, 20,        65_536, 6_600_000, 65_536),
     "lite_kuaisearch": (3, 512, 768, 20,        65_536, 6_600_000, 65_536),  # the KuaiSearch GR rows' SIDs
+    "onesearch_tiny": (3, 16,   32,  5,         512,    2048,      1024),  # + 2 OPQ sub-codes x 16
+    "lite_onesearch": (3, 1024, 768, 20,        65_536, 6_600_000, 65_536),  # OneSearch-V2: + 2 OPQ sub-codes x 256
 }
 
 
@@ -34,6 +37,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if arg.startswith(("rqvae_", "quasid_", "adasid_")):
         return rq_vae_config(arg)
     levels, codes, dim, iterations, batch, num_items, eval_batch = VARIANTS[arg]
+    opq = arg in ("onesearch_tiny", "lite_onesearch")
     c = base_config()
     c.task = "sid_rq_kmeans"
     c.model = ml_collections.ConfigDict({
@@ -41,11 +45,17 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         "iterations": iterations,       # Lloyd passes over every item, per level
         "init": "kmeans++",             # kmeans++ | first (the first batch's first rows)
         "dead_code_reset": True,        # re-seed a code no item chose at the pass's farthest point
-        "dedup": True,                  # append TIGER's dedup digit to colliding SIDs
+        "dedup": not opq,               # append TIGER's dedup digit to colliding SIDs (OneSearch-V2: the OPQ codes)
         "chunk_rows": -1 if arg == "tiny" else 0,  # rows scored at a time (-1: 2^19 / codes, for CPU; 0: all)
         "init_rows": 16_384,            # k-means++ seeds on at most this many rows of the first batch (0: all)
         "balanced": False,              # OneRec's balanced k-means: each code takes B / K rows of every batch
         "fsq_levels": [],               # OneMall: FSQ levels per dim of the final residual, one more SID level
+        # OneSearch-V2: OPQ of the final residual, `opq_subspaces` more SID levels of `opq_codes` codes each
+        # (`ecomax sid build` fits it after the k-means levels; models/semantic_ids.py:opq_fit)
+        "opq_subspaces": 2 if opq else 0,
+        "opq_codes": 16 if arg == "onesearch_tiny" else 256,
+        "opq_iterations": 20,           # OPQ's alternations (Lloyd steps + Procrustes rotation)
+        "opq_fit_rows": 65_536,         # residuals the OPQ is fitted on (evenly spaced rows; all are encoded)
     })
     c.data.embeddings = ""              # a [N, d] float32 .npy (ids: NAME.ids.npy beside it)
     c.data.synthetic = arg == "tiny"    # without data.embeddings: generated items (tiny only)

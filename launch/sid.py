@@ -17,7 +17,9 @@ int32), ``item_ids.npy``, ``sid_table.json``, ``trie/`` (``trie.npz`` + ``trie.j
 (``[L, K, d]``; RQ-VAE: in its latent space), ``metrics.json`` and ``metrics.png`` (per-level code usage
 and collision-group sizes, ``trainers/evaluators/sid_plots.py``). With ``model.fsq_levels`` (RQ-KMeans) the
 SID has one more level, the FSQ code of the final residual (size ``prod(fsq_levels)``), and
-``fsq_projection.npy`` (``[d, m]``) and ``fsq.json`` (levels, scale) hold what it needs.
+``fsq_projection.npy`` (``[d, m]``) and ``fsq.json`` (levels, scale) hold what it needs. With
+``model.opq_subspaces`` (OneSearch-V2) the SID has that many more levels, the OPQ sub-codes of the final residual
+(``opq.npz``: rotation and centroids).
 
 ``embed``: item texts through a pretrained Hugging Face text encoder (a BERT-family folder of
 ``config.json`` + ``model.safetensors`` + ``tokenizer.json``, e.g. all-MiniLM-L6-v2), mean pooling over the
@@ -87,6 +89,9 @@ def build(config_spec: str, embeddings: str | pathlib.Path, out: str | pathlib.P
     codes = np.concatenate([trainer.task.assign(ctx, vectors[s:s + bs])
                             for s in tqdm.trange(0, len(vectors), bs, desc="assign", unit="batch")])
     sizes = trainer.task.sid_sizes
+    if config.task == "sid_rq_kmeans" and m.opq_subspaces:
+        codes = add_opq_codes(out, config, vectors, codes, np.asarray(jax.device_get(trainer.task.codebooks(state))))
+        sizes = [*sizes, *[m.opq_codes] * m.opq_subspaces]
     table = write_table(out, codes, ids, sizes, m.dedup)
     save_trie(build_trie(table, sizes + ([int(table[:, -1].max()) + 1] if m.dedup else []),
                          config.trie.dense_levels), out / "trie")
@@ -97,6 +102,29 @@ def build(config_spec: str, embeddings: str | pathlib.Path, out: str | pathlib.P
                "dedup_size": int(table[:, -1].max()) + 1 if m.dedup else 0}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def add_opq_codes(out: pathlib.Path, config, vectors, codes: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
+    """OneSearch-V2's SID tail: OPQ (``models.semantic_ids.opq_fit``) of the residual the k-means levels leave,
+    fitted on ``model.opq_fit_rows`` evenly spaced items, every item encoded; writes ``opq.npz`` (``rotation
+    [d, d]``, ``centroids [M, K, d / M]``). -> the codes with ``M`` more columns."""
+    import jax
+    import tqdm
+
+    from models.semantic_ids import opq_encode, opq_fit
+
+    m = config.model
+    residual = np.asarray(vectors, np.float32) - codebooks[np.arange(m.levels), codes[:, :m.levels]].sum(1)
+    rows = np.unique(np.linspace(0, len(residual) - 1, min(len(residual), m.opq_fit_rows)).astype(np.int64))
+    print(f"ecomax sid build: OPQ {m.opq_subspaces} x {m.opq_codes} on the residuals of {len(rows)} items",
+          file=sys.stderr)
+    opq = opq_fit(residual[rows], jax.random.key(config.seed), subspaces=m.opq_subspaces, codes=m.opq_codes,
+                  iterations=m.opq_iterations)
+    np.savez(out / "opq.npz", rotation=np.asarray(opq.rotation), centroids=np.asarray(opq.centroids))
+    bs = config.eval.batch_size
+    tail = np.concatenate([np.asarray(opq_encode(residual[s:s + bs], opq))
+                           for s in tqdm.trange(0, len(residual), bs, desc="opq", unit="batch")])
+    return np.concatenate([codes, tail.astype(codes.dtype)], 1)
 
 
 def write_fsq(out: pathlib.Path, config, mse) -> None:

@@ -401,12 +401,16 @@ class Seq2Seq(nnx.Module):
             pos, _ = self._prefix_positions(mask)
             h, _ = self.decoder(self.embed(tokens), self.decoder.position_bias(pos, pos), mask[:, None, :])
             return h
+        return self.encode_embedded(self.embed(tokens), mask)
+
+    def encode_embedded(self, x: Array, mask: Array) -> Array:
+        """The encoder on given input embeddings: x [b, s, embed] (``embed(tokens)``, perturbed or dropped out
+        by the caller: FGM, R-Drop), mask [b, s] -> encoder output [b, s, embed]. Encoder-decoder only."""
         if self.encoder is None:
-            raise ValueError("this Seq2Seq has no encoder (encoder_layers=0): decode from a memory with "
-                             "`decode` / `start_decoding`")
-        s = tokens.shape[1]
-        pos = jnp.arange(s)[None]
-        h, _ = self.encoder(self.embed(tokens), self.encoder.position_bias(pos, pos), mask[:, None, :])
+            raise ValueError("this Seq2Seq has no encoder (encoder_layers=0 or decoder_only): decode from a memory "
+                             "with `decode` / `start_decoding`")
+        pos = jnp.arange(x.shape[1])[None]
+        h, _ = self.encoder(x, self.encoder.position_bias(pos, pos), mask.astype(bool)[:, None, :])
         return h
 
     def __call__(self, tokens: Array, mask: Array, decoder_inputs: Array) -> Array:

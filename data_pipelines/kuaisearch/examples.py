@@ -411,7 +411,7 @@ def encode_pairs(tokenizer: Any, queries: Sequence[str], texts: Sequence[str], m
 
 # ----------------------------------------------------------------------------- worlds and tokenizers
 
-SYNTHETIC_VERSION = 1  # bump when the synthetic build below changes (it is part of the cache key)
+SYNTHETIC_VERSION = 2  # bump when the synthetic build below changes (it is part of the cache key)
 
 
 def world_texts(root: str | os.PathLike) -> Iterable[str]:

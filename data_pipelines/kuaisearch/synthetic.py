@@ -25,6 +25,9 @@ The generative story (every id written is one that exists):
   latent biases as the labels), price and entrance.
 - **Relevance** pairs: session queries paired with the intent item, same-leaf, same-category and
   random items, graded 0-3 by noun / attribute / brand agreement (plus 5% label noise).
+- **Keywords** (``keywords.jsonl``, OneSearch-V2's keyword reasoning): for each distinct query, the words
+  that built it (brand, attributes, noun) followed by the noun's category path (level-1, level-2 and
+  level-3 names): what an LLM with world knowledge would write for the query, a function of the query.
 
 So a dual encoder beats popularity on recall, a ranking model beats a constant on AUC and a
 cross-encoder beats the majority grade on relevance.
@@ -125,6 +128,7 @@ _GENDER_AFFINITY = np.array([
 _ENTRANCES = ("mall", "homepage")
 _ENTRANCE_P = (0.75, 0.25)
 _HISTORY_LEN = 20
+KEYWORDS_FILE = "keywords.jsonl"   # {"query": str, "keywords": [str, ...]} per distinct query (OneSearch-V2)
 
 
 def _sigmoid(x):
@@ -250,7 +254,8 @@ def synthesize(
     num_relevance: int | None = None,
     test_fraction: float = 0.2,
 ) -> dict[str, pathlib.Path]:
-    """Writes a synthetic KuaiSearch world; returns ``{kind: path}`` of the five JSONL files.
+    """Writes a synthetic KuaiSearch world; returns ``{kind: path}`` of the five JSONL files (``KEYWORDS_FILE``,
+    the queries' keywords, is written beside them).
 
     Args:
       out_dir: folder to write ``users.jsonl items.jsonl recall.jsonl rank.jsonl relevance.jsonl``.
@@ -371,8 +376,10 @@ def synthesize(
     n_test = int(round(num_sessions * test_fraction))
     session_user = rng.choice(num_users, size=num_sessions, p=activity / activity.sum())
     sessions = []  # kept for relevance: (leaf, attr_mask, brand or -1, query, intent item)
+    keyword_queries: set[str] = set()
     with open(paths["recall"], "w", encoding="utf-8") as frec, \
-            open(paths["rank"], "w", encoding="utf-8") as frank:
+            open(paths["rank"], "w", encoding="utf-8") as frank, \
+            open(out / KEYWORDS_FILE, "w", encoding="utf-8") as fkw:
         for s in range(num_sessions):
             u = int(session_user[s])
             split = "test" if s >= num_sessions - n_test else "train"
@@ -396,6 +403,11 @@ def synthesize(
             q_noun = nouns[int(cat.noun[intent])] if rng.random() < 0.8 else nouns[int(rng.integers(len(nouns)))]
             query = ("".join(words) + q_noun) if q_brand < 0 else (brands[q_brand][0] + "".join(words) + q_noun)
             sessions.append((li, q_mask, q_brand, query, intent, len(q_bits)))
+            if query not in keyword_queries:   # no draw from rng: the other files are unchanged
+                keyword_queries.add(query)
+                path = [_TREE[cat.l1[intent]][0], l2_names[leaves[li][1]][1], leaves[li][2]]
+                _dump(fkw, {"query": query, "keywords": ([brands[q_brand][0]] if q_brand >= 0 else []) + words
+                            + [q_noun] + [p for p in path if p is not None]})
 
             # impressions: same leaf ranked by overlap, some same level-1, some random
             n_imp = int(rng.integers(lo, hi + 1))

@@ -23,6 +23,11 @@ def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Token cross-entropy ``-log softmax(logits)[target]``, averaged over the counted tokens."""
+    return _masked_mean(_token_nll(logits, targets), mask)
+
+
 def kl_divergence(p_logits: jax.Array, q_logits: jax.Array, tau: float = 1.0) -> jax.Array:
     """``KL(softmax(p / tau) || softmax(q / tau))`` per token: ``[..., V]`` x 2 -> ``[...]``."""
     logp = jax.nn.log_softmax(p_logits.astype(jnp.float32) / tau, axis=-1)
@@ -31,7 +36,7 @@ def kl_divergence(p_logits: jax.Array, q_logits: jax.Array, tau: float = 1.0) ->
 
 
 def self_distillation_loss(student: jax.Array, teacher: jax.Array, targets: jax.Array, mask: jax.Array | None = None,
-                           *, w_teacher: float = 1.0, w_kl: float = 0.1, tau: float = 1.0
+                           *, w_teacher: float = 1.0, w_kl: float = 0.1, tau: float = 1.0, token_loss=cross_entropy
                            ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """OneSearch-V2's reasoning-internalised self-distillation (Sec. 3.2): the teacher pass sees the keyword
     reasoning, the student pass does not, ``L = CE(student) + w_T CE(teacher) + w_KL tau^2 KL(teacher || student)``
@@ -40,9 +45,10 @@ def self_distillation_loss(student: jax.Array, teacher: jax.Array, targets: jax.
     EMA teacher.
 
     ``student, teacher [B, T, V]`` logits at the same target positions; ``targets, mask [B, T]`` -> (loss, parts).
+    ``token_loss(logits, targets, mask)``: the CE (default), or ``focal_loss`` in its place.
     """
-    ce_s = _masked_mean(_token_nll(student, targets), mask)
-    ce_t = _masked_mean(_token_nll(teacher, targets), mask)
+    ce_s = token_loss(student, targets, mask)
+    ce_t = token_loss(teacher, targets, mask)
     kl = _masked_mean(kl_divergence(jax.lax.stop_gradient(teacher), student, tau), mask) * tau ** 2
     return ce_s + w_teacher * ce_t + w_kl * kl, {"ce_student": ce_s, "ce_teacher": ce_t, "kl_teacher_student": kl}
 

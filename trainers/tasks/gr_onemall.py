@@ -152,28 +152,21 @@ class OneMallTask(DSITask):
     @functools.cached_property
     def ranker_featurizer(self) -> rf.RankFeaturizer:
         """The ranker's featurizer over the world's ``users`` and ``items``."""
-        root = self.world.recall.root
-        users, items = rf.UserTable.from_rows(ex.read_rows(root, "users")), rf.ItemTable.from_rows(ex.read_rows(root, "items"))
-        return rf.RankFeaturizer(self.ranker.task.feature_config(), users, items)
+        from trainers.tasks.kuaisearch_rank import ranker_featurizer  # noqa: PLC0415
+
+        return ranker_featurizer(self.ranker, self.world.recall.root)
 
     def ranker_scores(self, examples: list[ex.Behaviours], items: np.ndarray) -> np.ndarray:
         """The ranker's click probability of ``items [n, k]`` (item ids, -1: none) proposed in the sessions of
         ``examples`` (one per row) -> ``[n, k]`` float32, NaN where there is no item."""
-        from trainers.tasks.kuaisearch_rank import click_probability  # noqa: PLC0415
+        from trainers.tasks.kuaisearch_rank import candidate_click_probabilities  # noqa: PLC0415
 
-        rows, featurize = self.rank_rows, self.ranker_featurizer
         corpus_ids = self.world.recall.corpus.ids
-        where = np.argwhere(items >= 0)
-        feats = [featurize(rows.row(examples[i].session_id, items[i, j], {
-            "user_id": examples[i].user_id, "query": examples[i].query,
-            "recently_clicked_item_ids": [int(x) for x in corpus_ids[list(examples[i].clicks[-20:])][::-1]]}))
-            for i, j in where]
-        out = np.full(items.shape, np.nan, np.float32)
-        if feats:
-            batch = stack(feats)
-            out[where[:, 0], where[:, 1]] = self.ranker.apply(
-                click_probability, *(batch[k] for k in rf.MODEL_INPUTS), batch_size=self.config.rl.ranker_batch)
-        return out
+        contexts = [{"session_id": e.session_id, "user_id": e.user_id, "query": e.query,
+                     "recently_clicked_item_ids": [int(x) for x in corpus_ids[list(e.clicks[-20:])][::-1]]}
+                    for e in examples]
+        return candidate_click_probabilities(self.ranker, self.ranker_featurizer, self.rank_rows, contexts, items,
+                                             self.config.rl.ranker_batch)
 
     def towers(self) -> dict:
         return {}

@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data_pipelines.kuaisearch import examples as ex
 from data_pipelines.kuaisearch import rank_features as rf
+from data_pipelines.kuaisearch.transforms import stack
 from data_pipelines.kuaisearch.worlds import RankWorld
 from data_pipelines.loader import eval_batches
 from models.ranking import RankingConfig, build_model
@@ -36,6 +38,29 @@ from trainers.tasks import Batch, EvalContext, Metrics, Task, register
 def click_probability(model: nnx.Module, *arrays: jax.Array) -> jax.Array:
     """Click probability ``[b]`` from the model inputs in ``rank_features.MODEL_INPUTS`` order."""
     return jax.nn.sigmoid(model(dict(zip(rf.MODEL_INPUTS, arrays))).astype(jnp.float32))
+
+
+def ranker_featurizer(ranker, root) -> rf.RankFeaturizer:
+    """The featurizer of a frozen ranking run (``trainers.frozen.Frozen``) over the ``users`` and ``items`` of the
+    KuaiSearch folder ``root``."""
+    users, items = rf.UserTable.from_rows(ex.read_rows(root, "users")), rf.ItemTable.from_rows(ex.read_rows(root, "items"))
+    return rf.RankFeaturizer(ranker.task.feature_config(), users, items)
+
+
+def candidate_click_probabilities(ranker, featurize: rf.RankFeaturizer, rows: rf.CandidateRows,
+                                  contexts: list[dict], items: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """A frozen ranker's click probability of ``items [n, k]`` (item ids, -1: none) proposed in the sessions of
+    ``contexts`` (one per row: ``session_id`` and the fallback context of ``CandidateRows.row``: ``user_id``,
+    ``query``, ``recently_clicked_item_ids``) -> ``[n, k]`` float32, NaN where there is no item."""
+    where = np.argwhere(items >= 0)
+    feats = [featurize(rows.row(contexts[i]["session_id"], items[i, j],
+                                {k: v for k, v in contexts[i].items() if k != "session_id"})) for i, j in where]
+    out = np.full(items.shape, np.nan, np.float32)
+    if feats:
+        batch = stack(feats)
+        out[where[:, 0], where[:, 1]] = ranker.apply(click_probability, *(batch[k] for k in rf.MODEL_INPUTS),
+                                                     batch_size=batch_size)
+    return out
 
 
 def _padded(rows: int, multiple: int = 8) -> int:

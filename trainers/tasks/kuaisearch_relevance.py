@@ -58,6 +58,20 @@ def _bi_item(model: BiEncoderScorer, ids: jax.Array, mask: jax.Array) -> jax.Arr
     return model.embed_item(ids, mask)
 
 
+def relevance_probabilities(relevance, queries: list[str], texts: list[str], batch_size: int = 1024) -> np.ndarray:
+    """A frozen relevance run's (``trainers.frozen.Frozen``) probability that each (query, item text) pair is
+    relevant (grade 3) -> ``[n]`` float32."""
+    task = relevance.task
+    arrays = stack([task.transform()(ex.RelevanceExample(q, t, 0, 0)) for q, t in zip(queries, texts)])
+    if task.cross:
+        logits = relevance.apply(_cross_logits, arrays["ids"], arrays["mask"], arrays["token_type_ids"],
+                                 batch_size=batch_size)
+    else:
+        logits = relevance.apply(_bi_logits, arrays["query_ids"], arrays["query_mask"], arrays["item_ids"],
+                                 arrays["item_mask"], batch_size=batch_size)
+    return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+
+
 @register("kuaisearch_relevance")
 class KuaiSearchRelevanceTask(Task):
     def __init__(self, config: ml_collections.ConfigDict):
