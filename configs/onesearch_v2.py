@@ -6,7 +6,7 @@
         --set init_from.model.path=runs/os_focal
 
 Arguments: the paper's ablation ladder (OneSearch-V2, Table 4), each row adding one part to the row before:
-  ``v1``: SFT, query + profile -> SID, mixed with item text -> SID (OneSearch-V1's generative retriever);
+  ``v1`` (= ``tiny``): SFT, query + profile -> SID, mixed with item text -> SID (OneSearch-V1's generative retriever);
   ``cot``: + the CoT task (the model decodes the query's keywords);
   ``sd``: + reasoning-internalised self-distillation, joint mode (``sd_ema``: the EMA teacher instead);
   ``rdrop``: + R-Drop; ``fgm``: + FGM; ``focal``: + focal loss in place of the CE;
@@ -25,12 +25,13 @@ from configs.gr import t5_model
 
 LADDER = ("v1", "cot", "sd", "rdrop", "fgm", "focal")
 RL = ("grpo", "tpma", "full")
-VARIANTS = (*LADDER, "sd_ema", *RL)
+VARIANTS = ("tiny", *LADDER, "sd_ema", *RL)
 
 
 def get_config(arg: str = "v1") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise KeyError(arg)
+    arg = "v1" if arg == "tiny" else arg
     rl = arg in RL
     rung = len(LADDER) if rl else LADDER.index("sd") + 1 if arg == "sd_ema" else LADDER.index(arg) + 1
     c = base_config()

@@ -236,15 +236,21 @@ def test_kill_9_at_a_random_step_resumes_bitwise(tmp_path, arg, steps, every, ex
 
     kill_at = random.Random().randint(every + 1, 2 * steps // 3)  # early enough to land before the run ends
     workdir = tmp_path / "killed"
+    kill_9_and_resume(workdir, arg, flags, kill_at)
+    assert _metrics(workdir) == expected, f"killed at step {kill_at}"  # exact float equality, every metric
+
+
+def kill_9_and_resume(workdir, arg, flags, kill_at, timeout=300):
+    """Train in ``workdir``, SIGKILL the run once it has logged ``kill_at`` with a checkpoint finished (any: older
+    ones rotate out), then train again there; asserts the second run resumed and finished."""
     victim = _train(workdir, arg, *flags)
-    wait_for_checkpointed_step(workdir, kill_at, victim)  # any finished checkpoint: older ones rotate out
+    wait_for_checkpointed_step(workdir, kill_at, victim, timeout=timeout)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=60)
     resumed = _train(workdir, arg, *flags)
-    out, _ = resumed.communicate(timeout=300)
+    out, _ = resumed.communicate(timeout=timeout)
     assert resumed.returncode == 0, out
     assert "resuming at step" in out, out
-    assert _metrics(workdir) == expected, f"killed at step {kill_at}"  # exact float equality, every metric
 
 
 @pytest.mark.slow

@@ -3,12 +3,11 @@
 bitwise resume after kill -9."""
 
 import json
-import signal
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, load_test_config, wait_for_checkpointed_step
+from conftest import REPO, load_test_config
 
 from data_pipelines.kuaisearch import reasoning as rs
 
@@ -140,12 +139,40 @@ def test_ema_teacher_is_task_state_moved_by_the_decay(onesearch_sids, tmp_path):
     assert max(float(np.abs(p0 - np.asarray(p1)).max()) for p0, p1 in zip(start, jax.tree.leaves(after.params))) > 0
 
 
+def test_item_reward_adds_behaviour_ctr_relevance_and_format(onesearch_sids, tmp_path):
+    """``R_item`` with a frozen ranker and a frozen relevance run (a few steps each on the tests' small world:
+    ranker ids are hashed and the relevance model reads text, so they score any world)."""
+    from data_pipelines.sid.trie import accepts
+    from trainers.loop import Trainer
+    from trainers.tasks import get_task
+
+    for name in ("rank", "relevance"):
+        config = load_test_config(f"configs/kuaisearch_{name}.py:tiny", "train.steps=2", "eval.max_examples=32")
+        Trainer.create(config, tmp_path / name, jax.devices()[:1]).run()
+    task = get_task(load_test_config("configs/onesearch_v2.py:full", f"data.sid_table={onesearch_sids}",
+                                     f"rl.ranker={tmp_path / 'rank'}", f"rl.relevance={tmp_path / 'relevance'}"))
+    ids, codes = task.world.recall.corpus.ids, task.world.item_codes
+    ordered = next(s for s in task.train_sessions if s.ordered)
+    clicked_only = next(s for s in task.train_sessions if set(s.clicked) - set(s.ordered))
+    other = next(r for r in range(len(ids)) if r not in ordered.clicked and codes[r, 0] >= 0)
+    rows = [ordered.ordered[0], sorted(set(clicked_only.clicked) - set(clicked_only.ordered))[0], other]
+    sessions, items = [ordered, clicked_only, ordered], ids[rows]
+    sampled = codes[rows]
+    parts = task.item_rewards(sessions, items, sampled)
+    np.testing.assert_array_equal(parts["ordered"], [True, False, False])
+    np.testing.assert_array_equal(parts["clicked"], [True, True, False])
+    assert ((0 < parts["ctr"]) & (parts["ctr"] < 1)).all() and ((0 < parts["relevance"]) & (parts["relevance"] < 3)).all()
+    assert parts["well_formed"].all() and np.asarray(accepts(task.world.trie, sampled)).all()
+    np.testing.assert_allclose(parts["reward"], np.array([4.0, 3.0, 0.0]) + parts["ctr"] + parts["relevance"] + 1.0,
+                               rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_tpma_grpo_rollouts_are_valid_and_resume_bitwise_after_kill_9(onesearch_sids, tmp_path):
     """TPMA-GRPO from a fresh policy (init_from unset) on 2 devices: every sampled SID is in the trie (the format
     reward is 1 on every row) and a run killed with SIGKILL after a checkpoint and resumed logs exactly the
     metrics of an uninterrupted run."""
-    from test_engine_contract import _metrics, _train
+    from test_engine_contract import _metrics, _train, kill_9_and_resume
 
     flags = ["--set", f"data.sid_table={onesearch_sids}", "--set", "train.steps=8", "--set", "train.checkpoint_every=2",
              "--set", "train.log_every=1", "--set", "train.batch_size=4", "--set", "rl.group=4",
@@ -159,13 +186,5 @@ def test_tpma_grpo_rollouts_are_valid_and_resume_bitwise_after_kill_9(onesearch_
     for r in expected.values():
         assert r["well_formed"] == 1.0 and 0 < r["gates"] <= 1 and np.isfinite(r["loss"])
 
-    workdir = tmp_path / "killed"
-    victim = _train(workdir, arg, *flags)
-    wait_for_checkpointed_step(workdir, 3, victim, timeout=300)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=60)
-    resumed = _train(workdir, arg, *flags)
-    out, _ = resumed.communicate(timeout=400)
-    assert resumed.returncode == 0, out
-    assert "resuming at step" in out, out
-    assert _metrics(workdir) == expected     # exact float equality, every metric of every step
+    kill_9_and_resume(tmp_path / "killed", arg, flags, kill_at=3, timeout=400)
+    assert _metrics(tmp_path / "killed") == expected     # exact float equality, every metric of every step

@@ -47,6 +47,11 @@ from trainers.tasks.gr_dsi import DSITask, generate
 log = logging.getLogger(__name__)
 
 
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Inverted dropout: each element zeroed with probability ``rate``, the rest scaled by ``1 / (1 - rate)``."""
+    return jnp.where(jax.random.bernoulli(key, 1 - rate, x.shape), x / (1 - rate), 0.0).astype(x.dtype)
+
+
 def mean_over_levels(fn, targets: jax.Array, *level_lists: list[jax.Array]) -> tuple[jax.Array, Metrics]:
     """``fn(*[B, 1, K_l] logits, targets [B, 1]) -> loss or (loss, parts)`` at every SID position, averaged."""
     outs = [fn(*(lp[level][:, None] for lp in level_lists), targets[:, level, None]) for level in range(targets.shape[1])]
@@ -123,15 +128,16 @@ class OneSearchTask(DSITask):
 
     def logits(self, model: Seq2Seq, ids: jax.Array, mask: jax.Array, decoder_inputs: jax.Array,
                rng: jax.Array | None = None, delta: jax.Array | None = None) -> jax.Array:
-        """``[B, T, V]`` teacher-forced logits; ``rng``: dropout (rate ``onesearch.dropout``) on the input
-        embeddings and the encoder output; ``delta [B, S, E]``: added to the input embeddings (FGM)."""
+        """``[B, T, V]`` teacher-forced logits; ``rng``: dropout (rate ``onesearch.dropout``; every training pass
+        but the EMA teacher's) on the input embeddings and the encoder output; ``delta [B, S, E]``: added to the
+        input embeddings (FGM)."""
         rate = self.config.onesearch.dropout
-        x = model.embed(ids) + (0.0 if delta is None else delta)
-        keys = jax.random.split(rng) if rng is not None and rate > 0 else None
-        drop = lambda h, key: h if keys is None else jnp.where(
-            jax.random.bernoulli(key, 1 - rate, h.shape), h / (1 - rate), 0.0).astype(h.dtype)
-        enc = drop(model.encode_embedded(drop(x, None if keys is None else keys[0]), mask), None if keys is None else keys[1])
-        return model.decode(enc, mask, decoder_inputs)
+        x = model.embed(ids) if delta is None else model.embed(ids) + delta
+        if rng is None or rate == 0:
+            return model.decode(model.encode_embedded(x, mask), mask, decoder_inputs)
+        k_in, k_out = jax.random.split(rng)
+        enc = model.encode_embedded(dropout(x, rate, k_in), mask)
+        return model.decode(dropout(enc, rate, k_out), mask, decoder_inputs)
 
     def code_levels(self, model, batch: Batch, prefix: str = "input", **kw) -> list[jax.Array]:
         """Per SID position ``[B, K_l]`` log-probs of the batch's SIDs given the ``prefix`` input."""
@@ -196,11 +202,10 @@ class OneSearchTask(DSITask):
 
     def inputs_of(self, sessions: list[rs.SearchSession], teacher: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The student (or teacher) input arrays ``[n, S]`` of ``sessions``."""
-        d, t = self.config.data, self.transform
+        d = self.config.data
         length = d.query_len + (d.keyword_len if teacher else 0)
-        rows = [rs.padded("x", (lambda p: p[0] + p[1] if teacher else p[0])(t.pieces(self.example(s))), length)
-                for s in sessions]
-        batch = stack(rows)
+        pieces = [self.transform.pieces(self.example(s)) for s in sessions]
+        batch = stack([rs.padded("x", student + span if teacher else student, length) for student, span in pieces])
         return batch["x_ids"], batch["x_mask"]
 
     def beam_metrics(self, ctx: EvalContext, sessions: list[rs.SearchSession], teacher: bool = False) -> dict[str, float]:

@@ -57,13 +57,12 @@ class OneSearchRLTask(OneSearchTask):
 
     @functools.cached_property
     def ranker_inputs(self) -> tuple:
-        """The ranker's featurizer and the sessions' rank rows (read once, cached)."""
+        """The ranker's featurizer and the train sessions' rank rows (read once, cached)."""
         from data_pipelines.kuaisearch.worlds import candidate_rows  # noqa: PLC0415
         from trainers.tasks.kuaisearch_rank import ranker_featurizer  # noqa: PLC0415
 
         root = self.world.recall.root
-        return ranker_featurizer(self.ranker, root), candidate_rows(root, [s.session_id for split in self.sessions.values()
-                                                                            for s in split])
+        return ranker_featurizer(self.ranker, root), candidate_rows(root, [s.session_id for s in self.train_sessions])
 
     def train_source(self):
         return list(enumerate(self.example(s) for s in self.train_sessions)), Indexed(self.transform)
