@@ -233,6 +233,27 @@ def test_sft_warm_start_then_sd_and_ig_search_grpo_steps(world, tmp_path):
         assert first["reward"] >= first["em"] and 0 <= first["format"] <= 1
 
 
+@pytest.mark.slow
+def test_ig_search_grpo_resumes_bitwise_after_kill_9(world, tmp_path):
+    """IG-Search's GRPO (multi-turn rollouts with the retriever between turns, the counterfactual documents of
+    the information gain) on 2 devices: killed with SIGKILL after a checkpoint and resumed, it logs exactly the
+    metrics of an uninterrupted run."""
+    from test_engine_contract import _metrics, _train, kill_9_and_resume
+
+    sets = [f"data.world={world / 'world'}", f"data.index={world / 'index'}", "agent.context=256", "agent.doc_tokens=12",
+            "agent.max_turns=2", "eval.questions=4", "train.steps=6", "train.checkpoint_every=2", "train.log_every=1",
+            "train.batch_size=8", "agent.group=2"]
+    flags = [a for s in sets for a in ("--set", s)]
+    arg = "configs/search_agent.py:ig_tiny"
+    reference = _train(tmp_path / "reference", arg, *flags)
+    out, _ = reference.communicate(timeout=400)
+    assert reference.returncode == 0, out
+    expected = _metrics(tmp_path / "reference")
+    assert sorted(expected) == list(range(1, 7)) and all(np.isfinite(r["ig_mean"]) for r in expected.values())
+    kill_9_and_resume(tmp_path / "killed", arg, flags, kill_at=3, timeout=400)
+    assert _metrics(tmp_path / "killed") == expected     # exact float equality, every metric of every step
+
+
 def test_qwen3b_search_r1_rollout_lowers_on_cpu(tmp_path):
     """Search-R1's Qwen2.5-3B policy: the turn-1 rollout (4096-token prefill, 500 KV-cached sampling steps)
     at 512 questions x 5 lowers with its shardings, on 8 fake devices, without memory."""
