@@ -109,8 +109,8 @@ class OneSearchRLTask(OneSearchTask):
                                                               rl.scorer_batch)[:, 0])
         rel = np.zeros(len(items), np.float32)
         if self.relevance is not None:
-            row_of = {int(i): r for r, i in enumerate(ids)}
-            texts = [w.recall.corpus.texts[row_of[int(i)]] if int(i) in row_of else "" for i in items]
+            corpus = w.recall.corpus
+            texts = [corpus.texts[r[0]] if r else "" for r in (corpus.rows([int(i)]) for i in items)]
             rel = 3.0 * relevance_probabilities(self.relevance, [s.query for s in sessions], texts, rl.scorer_batch)
         well_formed = np.asarray(accepts(w.trie, sampled), bool) & (items >= 0)
         return {"reward": osl.onesearch_item_reward(ordered, clicked, ctr, rel, well_formed), "clicked": clicked,
