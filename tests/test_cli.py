@@ -9,8 +9,8 @@ def test_kuaisearch_synth_prepare_and_tokenizer_through_the_cli(tmp_path, capsys
     raw, prepared = tmp_path / "raw", tmp_path / "prepared"
     assert main(["data", "synth", "kuaisearch", "--out", str(raw), "--users", "20", "--items", "60",
                  "--sessions", "40", "--seed", "1"]) == 0
-    assert sorted(p.name for p in raw.glob("*.jsonl")) == ["items.jsonl", "rank.jsonl", "recall.jsonl",
-                                                            "relevance.jsonl", "users.jsonl"]
+    assert sorted(p.name for p in raw.glob("*.jsonl")) == ["items.jsonl", "keywords.jsonl", "rank.jsonl",
+                                                            "recall.jsonl", "relevance.jsonl", "users.jsonl"]
     assert main(["data", "prepare", "kuaisearch", "--src", str(raw), "--out", str(prepared),
                  "--workers", "1"]) == 0
     summary = json.loads((prepared / "kuaisearch_prepare_summary.json").read_text())
