@@ -162,7 +162,7 @@ class OneSearchTask(DSITask):
         else:
             sd = functools.partial(osl.self_distillation_loss, w_teacher=o.w_teacher, w_kl=o.w_kl, tau=o.tau,
                                    token_loss=self.token_loss)
-            loss, parts = mean_over_levels(lambda s, t, y: sd(s, t, y), codes, student[0], teacher)
+            loss, parts = mean_over_levels(sd, codes, student[0], teacher)
         if passes == 2:
             second, _ = mean_over_levels(self.token_loss, codes, student[1])
             rdrop, _ = mean_over_levels(lambda a, b, y: osl.r_drop_loss(a, b, alpha=o.r_drop), codes, *student)
