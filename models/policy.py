@@ -60,9 +60,20 @@ def qwen2_config(m: Any, hf: dict | None = None, dtype: str = "float32"):
 
 
 def build(cfg, rngs: nnx.Rngs) -> nnx.Module:
+    """tunix's Qwen2 with initial values a policy trained from scratch can learn from: tunix initialises for
+    loading checkpoints, with all-zero MLP kernels (gate, up and down zero: every MLP gradient is zero, so
+    the MLPs never train) and N(0, 1) embeddings (tied logits of std sqrt(embed)). Here: LeCun-normal MLP
+    kernels and N(0, 1/embed) embeddings (logits of std ~1 at the start); attention keeps tunix's Glorot."""
     from tunix.models.qwen2.model import Qwen2
 
-    return Qwen2(cfg, rngs=rngs)
+    model = Qwen2(cfg, rngs=rngs)
+    emb = model.embedder.input_embedding
+    emb[...] = jax.random.normal(rngs.params(), emb.shape, emb.dtype) * cfg.embed_dim ** -0.5
+    lecun = nnx.initializers.lecun_normal()
+    for layer in model.layers:
+        for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            proj.kernel[...] = lecun(rngs.params(), proj.kernel.shape, proj.kernel.dtype)
+    return model
 
 
 def hf_model_config(folder: str | pathlib.Path) -> dict:

@@ -147,3 +147,23 @@ def test_smollm2_policy_logits_equal_transformers(tmp_path):
     got = np.asarray(policy.logits_of(model, jnp.asarray(tokens, jnp.int32), jnp.ones(tokens.shape, bool)))
     np.testing.assert_allclose(got, expected, atol=5e-4)
     assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_a_policy_built_from_scratch_trains_its_mlps_and_starts_at_unit_logits():
+    """tunix initialises for loading checkpoints (zero MLP kernels: gradient-dead; N(0, 1) tied embeddings:
+    logits of std sqrt(embed)); ``policy.build`` re-initialises both so a policy can learn from scratch."""
+    from flax import nnx
+
+    from models import policy
+
+    cfg = policy.qwen2_config({"layers": 2, "vocab": 300, "embed": 64, "mlp": 128, "heads": 4, "kv_heads": 2,
+                               "head_dim": 16, "rope_theta": 10_000, "norm_eps": 1e-6, "tied": True})
+    model = policy.build(cfg, nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 300, (4, 12)), jnp.int32)
+    valid = jnp.ones(tokens.shape, bool)
+    assert 0.5 < float(jnp.std(policy.logits_of(model, tokens, valid))) < 2.0
+
+    grads = nnx.grad(lambda m: -jnp.mean(policy.token_logprobs(m, tokens, valid)))(model)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        g = getattr(grads.layers[0].mlp, name).kernel[...]
+        assert float(jnp.abs(g).max()) > 1e-6, name
