@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 NAMES = {"tiny": "Search-R1 (GRPO)", "sd_tiny": "SD-Search (GRPO + hindsight JSD)",
          "ig_tiny": "IG-Search (GRPO + information-gain advantages)"}
-SHOWN = ("em", "f1", "searches", "format")
+SHOWN = ("em", "em_hop1", "em_hop2", "em_hop3", "searches", "format")
 
 
 def _config(spec: str, world: pathlib.Path, *overrides: str):
@@ -56,6 +56,8 @@ def main() -> None:
     p.add_argument("--entities", type=int, default=200)
     p.add_argument("--questions", type=int, default=200)
     p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--layers", type=int, default=2, help="policy layers (configs/search_agent.py:tiny has 2)")
+    p.add_argument("--width", type=int, default=64, help="policy width; heads of 32 from 128 up, MLP 4x")
     p.add_argument("--rl-steps", type=int, default=50)
     p.add_argument("--rl-batch", type=int, default=4, help="questions per GRPO step (x agent.group rollouts)")
     p.add_argument("--seeds", default="0,1,2")
@@ -75,8 +77,11 @@ def main() -> None:
     print(f"# machine: {platform.machine()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; world "
           f"{summary['entities']} entities, questions {summary['questions']}", flush=True)
     evals = f"eval.questions={args.eval_questions}"
+    size = () if (args.layers, args.width) == (2, 64) else (
+        f"model.layers={args.layers}", f"model.embed={args.width}", f"model.mlp={4 * args.width}",
+        f"model.head_dim={max(16, args.width // 4)}", f"model.heads={args.width // max(16, args.width // 4)}")
     t0 = time.time()
-    sft = _run(train, _config("sft_tiny", out, f"train.steps={args.sft_steps}", "train.eval_every=0", evals),
+    sft = _run(train, _config("sft_tiny", out, f"train.steps={args.sft_steps}", "train.eval_every=0", evals, *size),
                out / "sft")
     rows = [{"method": "warm start (SFT on oracle rollouts)", "seed": 0, **sft.eval_metrics,
              "step_s": _step_time(out / "sft"), "wall_s": time.time() - t0}]
@@ -87,7 +92,7 @@ def main() -> None:
             workdir = out / f"{method}_seed{seed}"
             r = _run(train, _config(method, out, f"seed={seed}", f"train.steps={args.rl_steps}", evals,
                                     f"train.batch_size={args.rl_batch}", "train.log_every=5",
-                                    f"init_from.policy.path={out / 'sft'}"), workdir)
+                                    f"init_from.policy.path={out / 'sft'}", *size), workdir)
             rows.append({"method": NAMES[method], "seed": seed, **r.eval_metrics, "step_s": _step_time(workdir),
                          "wall_s": time.time() - t0})
             print(json.dumps(rows[-1]), flush=True)

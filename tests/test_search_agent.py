@@ -269,3 +269,12 @@ def test_qwen3b_search_r1_rollout_lowers_on_cpu(tmp_path):
     assert out["generated"].shape == (8 * 5, 500) and out["context"].shape == (40, 4096)
     params = sum(np.prod(x.shape) for x in jax.tree.leaves(trainer.spec.abstract_params))
     assert 3.0e9 < params < 3.2e9                                   # Qwen2.5-3B: 3.09B with tied embeddings
+
+    # memory: the train state (f32 parameters, the frozen reference, Adam's two moments: 16 B a parameter) is
+    # split 8 ways by the rules, not replicated (the k/v projections of the 2 kv heads over fsdp only): 6.25 GB
+    # a device of the 49 GB
+    leaves = [x for x in jax.tree.leaves(trainer.abstract_state(trainer.compiled_step())) if x.sharding is not None]
+    whole = sum(x.size * x.dtype.itemsize for x in leaves)
+    per_device = sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
+    assert 16 * 3.0e9 < whole < 16 * 3.2e9
+    assert per_device < whole / 8 * 1.02, (per_device, whole)

@@ -129,7 +129,8 @@ class _SearchAgentBase(Task):
     # --- evaluation -------------------------------------------------------------------------------------------
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
-        """Greedy rollouts on ``eval.questions`` test questions: EM, F1, searches per question, well-formed."""
+        """Greedy rollouts on ``eval.questions`` test questions: EM, F1, searches per question, well-formed, and
+        EM per hop count (``em_hop1`` ...) where the questions carry one (the synthetic world's do)."""
         c = self.config
         split = c.data.eval_split
         prompts = self._prompts(split, c.eval.questions)
@@ -142,8 +143,11 @@ class _SearchAgentBase(Task):
             context, valid, active = env.contexts(episodes)
             if not active.any():
                 break
-        _, grades = self.grade(episodes, [q.golden_answers for q in self.questions[split][:len(episodes)]])
-        return {**{k: float(v.mean()) for k, v in grades.items()},
+        qs = self.questions[split][:len(episodes)]
+        _, grades = self.grade(episodes, [q.golden_answers for q in qs])
+        hops = np.array([q.hops or 0 for q in qs])
+        by_hop = {f"em_hop{h}": float(grades["em"][hops == h].mean()) for h in sorted(set(hops) - {0})}
+        return {**{k: float(v.mean()) for k, v in grades.items()}, **by_hop,
                 "searches": float(np.mean([len(e.queries) for e in episodes]))}
 
     def grade(self, episodes: list[Episode], golds: list) -> tuple[list[str], dict[str, np.ndarray]]:
