@@ -1,7 +1,8 @@
 """Search agents on the synthetic multi-hop world: the warm-started policy, then Search-R1's GRPO,
 SD-Search and IG-Search from it, at equal steps and seeds.
 
-    python benchmarks/search_agent.py [--entities 200] [--sft-steps 300] [--rl-steps 50] [--rl-batch 4]
+    python benchmarks/search_agent.py [--entities 200] [--questions 200] [--sft-steps 300] [--sft-stop-after N]
+                                      [--layers 2 --width 64] [--rl-steps 50] [--rl-batch 4] [--rl-lr 3e-4]
                                       [--seeds 0,1,2] [--methods tiny,sd_tiny,ig_tiny] [--out runs/bench_agent]
                                       [--json rows.json]
 
@@ -56,9 +57,12 @@ def main() -> None:
     p.add_argument("--entities", type=int, default=200)
     p.add_argument("--questions", type=int, default=200)
     p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--sft-stop-after", type=int, default=0,
+                   help="stop the warm start here (its cosine schedule still spans --sft-steps)")
     p.add_argument("--layers", type=int, default=2, help="policy layers (configs/search_agent.py:tiny has 2)")
     p.add_argument("--width", type=int, default=64, help="policy width; heads of 32 from 128 up, MLP 4x")
     p.add_argument("--rl-steps", type=int, default=50)
+    p.add_argument("--rl-lr", type=float, default=3e-4)
     p.add_argument("--rl-batch", type=int, default=4, help="questions per GRPO step (x agent.group rollouts)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default="tiny,sd_tiny,ig_tiny")
@@ -81,9 +85,14 @@ def main() -> None:
         f"model.layers={args.layers}", f"model.embed={args.width}", f"model.mlp={4 * args.width}",
         f"model.head_dim={max(16, args.width // 4)}", f"model.heads={args.width // max(16, args.width // 4)}")
     t0 = time.time()
-    sft = _run(train, _config("sft_tiny", out, f"train.steps={args.sft_steps}", "train.eval_every=0", evals, *size),
-               out / "sft")
-    rows = [{"method": "warm start (SFT on oracle rollouts)", "seed": 0, **sft.eval_metrics,
+    stop = (f"train.stop_after={args.sft_stop_after}",) if args.sft_stop_after else ()
+    _run(train, _config("sft_tiny", out, f"train.steps={args.sft_steps}", "train.eval_every=0", evals, *size, *stop),
+         out / "sft")
+    warm = f"init_from.policy.path={out / 'sft'}"
+    # the warm start evaluated by the RL task itself (one step at learning rate 0: the parameters unchanged)
+    start = _run(train, _config("tiny", out, "train.steps=1", "optimizer.learning_rate=0.0", evals, warm, *size),
+                 out / "warm_start_eval")
+    rows = [{"method": "warm start (SFT on oracle rollouts)", "seed": 0, **start.eval_metrics,
              "step_s": _step_time(out / "sft"), "wall_s": time.time() - t0}]
     print(json.dumps(rows[-1]), flush=True)
     for method in args.methods.split(","):
@@ -92,7 +101,8 @@ def main() -> None:
             workdir = out / f"{method}_seed{seed}"
             r = _run(train, _config(method, out, f"seed={seed}", f"train.steps={args.rl_steps}", evals,
                                     f"train.batch_size={args.rl_batch}", "train.log_every=5",
-                                    f"init_from.policy.path={out / 'sft'}", *size), workdir)
+                                    f"optimizer.learning_rate={args.rl_lr}",
+                                    warm, *size), workdir)
             rows.append({"method": NAMES[method], "seed": seed, **r.eval_metrics, "step_s": _step_time(workdir),
                          "wall_s": time.time() - t0})
             print(json.dumps(rows[-1]), flush=True)
@@ -101,7 +111,8 @@ def main() -> None:
 
     for name in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == name]
-        cells = [f"{np.mean([r[k] for r in mine]):.3f} ± {np.std([r[k] for r in mine]):.3f}" for k in SHOWN]
+        values = {k: [r.get(k, np.nan) for r in mine] for k in SHOWN}
+        cells = [f"{np.mean(v):.3f} ± {np.std(v):.3f}" for v in values.values()]
         print(f"| {name} | {len(mine)} | {' | '.join(cells)} | {np.mean([r['step_s'] for r in mine]):.2f} |")
     print(f"# load at the end {os.getloadavg()[0]:.2f}")
     if args.json:
