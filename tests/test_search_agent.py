@@ -1,6 +1,7 @@
 """The search agent: the host environment in token space, the tunix Qwen2 policy's KV-cached sampler and
 its Hugging Face parity, and a supervised warm start followed by GRPO / SD-Search steps on a tiny world."""
 
+import collections
 import json
 
 import jax
@@ -14,6 +15,7 @@ pytestmark = pytest.mark.xdist_group("tunix")  # `import tunix` imports every le
 pytest.importorskip("tunix")
 
 from data_pipelines.agents.environment import SearchEnvironment  # noqa: E402
+from data_pipelines.agents.qa import read_qa  # noqa: E402
 from data_pipelines.agents.tokenizer import word_tokenizer  # noqa: E402
 
 TEXTS = ["Zorvik is a company . It is headquartered in Lunaro .", "Lunaro is a city in Velmoria ."]
@@ -222,6 +224,10 @@ def test_sft_warm_start_then_sd_and_ig_search_grpo_steps(world, tmp_path):
     losses = [r["loss"] for r in losses if "loss" in r]
     assert losses[-1] < 0.5 * losses[0]
     assert sft.eval_metrics["format"] > 0       # the warm-started policy writes tagged rollouts
+    hops = collections.Counter(q.hops for q in read_qa(world / "world" / "test.jsonl")[:4])  # eval.questions=4
+    assert {f"em_hop{h}" for h in hops} <= set(sft.eval_metrics)
+    by_hop = sum(n * sft.eval_metrics[f"em_hop{h}"] for h, n in hops.items())
+    assert by_hop == pytest.approx(4 * sft.eval_metrics["em"])
     for method, key in (("sd_tiny", "jsd"), ("ig_tiny", "ig_mean")):
         _train(_config(method, world, "train.steps=2", "train.stop_after=1",  # stopped: no final evaluation
                        "train.batch_size=8", "agent.group=2",
