@@ -5,8 +5,10 @@
 
 Both sides: ViT-B/16 (224 px, patch 16, 12 x 768, exact GELU, CLS token, final LayerNorm), a 256-d
 linear projection of the CLS token, in-batch InfoNCE against a fixed batch of 256-d keys
-(temperature 0.07), AdamW (lr 1e-4, weight decay 0.05), float32, batch 8. JAX: ``models/vit.ViT``
-with ``ViTConfig()`` (85,798,656 parameters), a jitted step with donated state. PyTorch:
+(temperature 0.07), gradients clipped at global norm ``--clip`` (1.0, ecomax's default), AdamW (lr 1e-4,
+weight decay 0.05), float32, batch 8. JAX: ``models/vit.ViT`` with ``ViTConfig()`` (85,798,656
+parameters), a jitted step with donated state that, as ``trainers/step.py`` does, finishes every gradient
+before the update (``--no-barrier --clip 0`` shows what fusing the update into the backward costs). PyTorch:
 transformers' ``ViTModel`` (no pooler; its default attention, ``sdpa``), eager, ``torch.set_num_threads``
 = the CPU count.
 
@@ -53,11 +55,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    p.add_argument("--clip", type=float, default=1.0, help="global-norm gradient clipping, both sides (0: none)")
+    p.add_argument("--no-barrier", dest="barrier", action="store_false",
+                   help="JAX: let XLA fuse the optimizer update into the backward pass")
     p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before JAX starts")
     p.add_argument("--allocator", choices=alloc.CHOICES, default=alloc.requested(os.environ),
                    help="malloc for both sides (default: $ECOMAX_ALLOCATOR or auto, as ecomax itself)")
     p.add_argument("--no-jemalloc", dest="allocator", action="store_const", const="system",
                    help="the old spelling of --allocator system")
+    p.add_argument("--only", choices=("jax", "torch"), default=None,
+                   help="time one side alone (no interleaving: the other framework's memory is not in the process)")
     p.add_argument("--json", default=None, help="write the timings here")
     return p.parse_args(argv)
 
@@ -65,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- JAX / ecomax ------------------------------------------------------------------------------------
 
 
-def jax_side(batch: int, images_nhwc, keys):
+def jax_side(batch: int, images_nhwc, keys, clip: float, barrier: bool):
     """``(step(), n_params)``: ``step()`` runs one train step and blocks on its result."""
     import jax
     import jax.numpy as jnp
@@ -85,6 +92,8 @@ def jax_side(batch: int, images_nhwc, keys):
     with nnx.use_eager_sharding(False):
         graphdef, params = nnx.split(QueryTower(nnx.Rngs(0)))
     tx = optax.adamw(1e-4, weight_decay=0.05)
+    if clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(clip), tx)
     opt_state = tx.init(params)
 
     def loss_fn(p, images, k):
@@ -96,6 +105,8 @@ def jax_side(batch: int, images_nhwc, keys):
 
     def train_step(p, o, images, k):
         loss, grads = jax.value_and_grad(loss_fn)(p, images, k)
+        if barrier:
+            grads = jax.lax.optimization_barrier(grads)
         updates, o = tx.update(grads, o, p)
         return optax.apply_updates(p, updates), o, loss
 
@@ -114,7 +125,7 @@ def jax_side(batch: int, images_nhwc, keys):
 # --- PyTorch reference ------------------------------------------------------------------------------
 
 
-def torch_side(batch: int, images_nchw, keys, threads: int):
+def torch_side(batch: int, images_nchw, keys, threads: int, clip: float):
     import torch
     import transformers
 
@@ -136,6 +147,8 @@ def torch_side(batch: int, images_nchw, keys, threads: int):
         q = torch.nn.functional.normalize(q, dim=-1)
         loss = torch.nn.functional.cross_entropy(q @ k.T / 0.07, labels)
         loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         return loss.item()
 
@@ -159,18 +172,23 @@ def main(argv=None) -> int:
     keys /= np.linalg.norm(keys, axis=-1, keepdims=True)
 
     t0 = time.perf_counter()
-    jax_step, jax_params = jax_side(args.batch, images, keys)
-    torch_step, torch_params, attn = torch_side(args.batch, np.ascontiguousarray(images.transpose(0, 3, 1, 2)), keys,
-                                                args.threads)
-    print(f"built both in {time.perf_counter() - t0:.1f} s: ecomax ViT-B/16 + proj {jax_params:,} params, "
-          f"transformers ViTModel + proj {torch_params:,} params (attention: {attn})", flush=True)
+    sides, attn = {}, "-"
+    if args.only != "torch":
+        sides["jax"], n = jax_side(args.batch, images, keys, args.clip, args.barrier)
+        print(f"ecomax ViT-B/16 + proj {n:,} params", flush=True)
+    if args.only != "jax":
+        sides["torch"], n, attn = torch_side(args.batch, np.ascontiguousarray(images.transpose(0, 3, 1, 2)), keys,
+                                             args.threads, args.clip)
+        print(f"transformers ViTModel + proj {n:,} params (attention: {attn})", flush=True)
+    print(f"built in {time.perf_counter() - t0:.1f} s", flush=True)
     allocator = alloc.current()
+    print(f"clip {args.clip}; JAX update after every gradient: {args.barrier}", flush=True)
     print(f"{alloc.describe(allocator)}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; torch threads {args.threads}; "
           f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
 
-    times = {"jax": [], "torch": []}
+    times = {name: [] for name in sides}
     for r in range(args.warmup + args.steps):
-        for name, step in (("jax", jax_step), ("torch", torch_step)):
+        for name, step in sides.items():
             t = time.perf_counter()
             loss = step()
             dt = time.perf_counter() - t
@@ -180,13 +198,16 @@ def main(argv=None) -> int:
             print(f"round {r} {'timed' if timed else 'warm-up'} {name:5s} {dt:7.3f} s  loss {loss:.4f}", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     eps = {k: args.batch / v for k, v in med.items()}
-    print(f"\nexamples/s (batch {args.batch} / median of {args.steps} steps): JAX {eps['jax']:.3f}   "
-          f"torch {eps['torch']:.3f}   ratio JAX/torch {eps['jax'] / eps['torch']:.3f}")
+    ratio = eps["jax"] / eps["torch"] if len(eps) == 2 else None
+    print(f"\nexamples/s (batch {args.batch} / median of {args.steps} steps): "
+          + "   ".join(f"{k} {v:.3f}" for k, v in eps.items())
+          + (f"   ratio JAX/torch {ratio:.3f}" if ratio else ""))
     print(f"load average after: {os.getloadavg()[0]:.2f} (this machine is shared: differences under ~5% are noise)")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({
-            "allocator": allocator, "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": args.batch,
-            "times_s": times, "median_s": med, "examples_per_s": eps, "ratio": eps["jax"] / eps["torch"],
+            "allocator": allocator, "clip": args.clip, "barrier": args.barrier,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": args.batch,
+            "times_s": times, "median_s": med, "examples_per_s": eps, "ratio": ratio,
             "torch_attention": attn, "load_average_end": os.getloadavg()}, indent=2))
     return 0
 

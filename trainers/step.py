@@ -100,6 +100,9 @@ class UpdateContext:
         return jax.tree.map(lambda x: x / n, total)
 
     def apply_gradients(self, state: TrainState, grads: Any) -> TrainState:
+        # Every gradient is finished before the update starts (global-norm clipping implies it): a ViT-B/16
+        # step that XLA:CPU fused into its backward ran 1.2-1.7x slower in a process holding other states.
+        grads = jax.lax.optimization_barrier(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
 
