@@ -1,0 +1,70 @@
+"""ScaNN's leaf count on the corpus of ``retrieval_scale.py``: rebuild with each count, tune, score held out.
+
+    python benchmarks/scann_leaves.py [--leaves 300,500,1000,2000,4000] [--n 1000000] [--queries 2000]
+                                      [--centres 2000] [--noise 0.6] [--k 10] [--target-recall 0.99]
+
+For each leaf count: the size rule's other parameters (5% of the leaves searched, reorder 100), built
+on the whole gallery, tuned by ``tune_scann`` to the target on the first half of the queries, then
+recall@k against exact search and QPS measured on the other half. Exact search (numpy) gives the
+ground truth once. One run per count; absolute times on a shared machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from retrieval_scale import clustered  # noqa: E402
+from trainers.evaluators import retrieval as R  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--leaves", default="300,500,1000,2000,4000")
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--queries", type=int, default=2000)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--centres", type=int, default=2000)
+    ap.add_argument("--noise", type=float, default=0.6)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--target-recall", type=float, default=0.99)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    rng = np.random.default_rng(args.seed)
+    centres = R.l2_normalize(rng.standard_normal((args.centres, args.dim), dtype=np.float32))
+    gallery = clustered(rng, args.n, centres, args.noise)
+    queries = clustered(rng, args.queries, centres, args.noise)
+    exact, _ = R.exact_search(queries, gallery, args.k)
+    half = args.queries // 2
+    print(f"{args.n:,} x {args.dim}, {args.centres} centres, noise {args.noise}; tune on {half} queries, "
+          f"score the other {args.queries - half}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    for leaves in (int(x) for x in args.leaves.split(",")):
+        p = dataclasses.replace(R.scann_params_for(args.n, args.k, force_tree=True), num_leaves=leaves,
+                                num_leaves_to_search=max(10, leaves // 20),
+                                training_sample_size=min(args.n, max(100_000, 64 * leaves)))
+        t = time.perf_counter()
+        built = R.ScannSearcher(gallery, p)
+        build_s = time.perf_counter() - t
+        tuned, tuning = R.tune_scann(built, queries[:half], exact[:half], args.k, args.target_recall)
+        t = time.perf_counter()
+        idx, _ = tuned.search(queries[half:], args.k)
+        qps = (args.queries - half) / (time.perf_counter() - t)
+        recall = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(idx, exact[half:])])
+        print(f"leaves {leaves:5d}: build {build_s:6.1f} s, tuned {tuned.params_.num_leaves_to_search}/{leaves} "
+              f"reorder {tuned.params_.reorder}, held-out recall@{args.k} {recall:.4f}, QPS {qps:,.0f}, "
+              f"target met on the sample: {tuning.met}", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
