@@ -38,8 +38,7 @@ def clustered(rng: np.random.Generator, n: int, centres: np.ndarray, noise: floa
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_corpus_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--dim", type=int, default=256)
@@ -47,17 +46,26 @@ def main() -> int:
     ap.add_argument("--noise", type=float, default=0.6)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--target-recall", type=float, default=0.99)
-    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+
+
+def corpus(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """``(gallery [n, dim], queries [queries, dim])`` around the same ``--centres``, from ``--seed``."""
+    rng = np.random.default_rng(args.seed)
+    centres = l2_normalize(rng.standard_normal((args.centres, args.dim), dtype=np.float32))
+    return clustered(rng, args.n, centres, args.noise), clustered(rng, args.queries, centres, args.noise)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_corpus_args(ap)
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     load_before = os.getloadavg()
-    rng = np.random.default_rng(args.seed)
-    centres = l2_normalize(rng.standard_normal((args.centres, args.dim), dtype=np.float32))
     t0 = time.perf_counter()
-    gallery = clustered(rng, args.n, centres, args.noise)
-    queries = clustered(rng, args.queries, centres, args.noise)
+    gallery, queries = corpus(args)
     print(f"data: {args.n:,} x {args.dim}, {args.centres} centres, noise {args.noise} "
           f"({time.perf_counter() - t0:.1f} s)", flush=True)
     r = bench_retrieval(queries, gallery, args.k, target_recall=args.target_recall, normalize=False,

@@ -22,27 +22,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from retrieval_scale import clustered  # noqa: E402
+from retrieval_scale import add_corpus_args, corpus  # noqa: E402
 from trainers.evaluators import retrieval as R  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--leaves", default="300,500,1000,2000,4000")
-    ap.add_argument("--n", type=int, default=1_000_000)
-    ap.add_argument("--queries", type=int, default=2000)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--centres", type=int, default=2000)
-    ap.add_argument("--noise", type=float, default=0.6)
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--target-recall", type=float, default=0.99)
-    ap.add_argument("--seed", type=int, default=0)
+    add_corpus_args(ap)
     args = ap.parse_args()
 
-    rng = np.random.default_rng(args.seed)
-    centres = R.l2_normalize(rng.standard_normal((args.centres, args.dim), dtype=np.float32))
-    gallery = clustered(rng, args.n, centres, args.noise)
-    queries = clustered(rng, args.queries, centres, args.noise)
+    gallery, queries = corpus(args)
     exact, _ = R.exact_search(queries, gallery, args.k)
     half = args.queries // 2
     print(f"{args.n:,} x {args.dim}, {args.centres} centres, noise {args.noise}; tune on {half} queries, "
