@@ -20,8 +20,6 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-
 from retrieval_scale import add_corpus_args, corpus  # noqa: E402
 from trainers.evaluators import retrieval as R  # noqa: E402
 
@@ -48,7 +46,7 @@ def main() -> int:
         t = time.perf_counter()
         idx, _ = tuned.search(queries[half:], args.k)
         qps = (args.queries - half) / (time.perf_counter() - t)
-        recall = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(idx, exact[half:])])
+        recall = R._overlap_at_k(idx, exact[half:], args.k, args.n)  # the tuner's own recall@k
         print(f"leaves {leaves:5d}: build {build_s:6.1f} s, tuned {tuned.params_.num_leaves_to_search}/{leaves} "
               f"reorder {tuned.params_.reorder}, held-out recall@{args.k} {recall:.4f}, QPS {qps:,.0f}, "
               f"target met on the sample: {tuning.met}", flush=True)
