@@ -33,8 +33,10 @@ def test_retrieval_bench_cli(tmp_path, capsys):
     assert r["scann/target_met"] is True and r["scann_tuned/recall_vs_exact@10"] >= 0.99
     assert r["exact/ids_equal_fraction"] > 0.999 and r["exact/jax_qps"] > 0 and r["exact/numpy_qps"] > 0
     assert r["scann/build_s"] > 0 and r["scann_tuned/qps"] > 0 and "scann_rule/qps" in r
+    assert r["exact/matmul_peak_gflops"] > 0 and 0 < r["exact/jax_fraction_of_peak"] < 2
     assert r["machine"]["cpu_count"] >= 1 and "load_average" in r["machine"]
-    for needle in ("exact, JAX", "exact, numpy", "ScaNN tuned", "JAX / numpy QPS", "ScaNN tuned: recall@10"):
+    for needle in ("exact, JAX", "exact, numpy", "ScaNN tuned", "JAX / numpy QPS", "ScaNN tuned: recall@10",
+                   "of the 2048² f32 matmul peak"):
         assert needle in text, needle
 
 

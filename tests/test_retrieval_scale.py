@@ -29,10 +29,12 @@ def hard_corpus():
 
 
 @pytest.mark.parametrize("k,chunk,block,devices", [(5, 1000, 16, 1), (15, 512, 7, 8), (1, 4000, 64, 8),
-                                                   (60, 333, 40, 1), (10, 700, 5, 3)])
+                                                   (60, 333, 40, 1), (10, 700, 5, 3), (10, 1280, 64, 8),
+                                                   (3, 2048, 16, 1)])
 def test_jax_exact_equals_numpy_with_ties(k, chunk, block, devices):
     """Small-integer scores (exact in float32, many ties): identical ids, tie order and scores, across
-    chunk and query-block paddings, on 1, 3 and 8 (fake) devices."""
+    chunk and query-block paddings, on 1, 3 and 8 (fake) devices, through both the plain per-tile top-k
+    and the two-stage block top-k (chunks 4000, 1280, 2048: multiples of 32 at least 4 * k * 32 wide)."""
     import jax
 
     from trainers.evaluators.exact_search import JaxExactSearch
@@ -47,6 +49,21 @@ def test_jax_exact_equals_numpy_with_ties(k, chunk, block, devices):
     assert got[0].dtype == np.int64 and got[0].shape == (41, k)
     np.testing.assert_array_equal(got[0], ref[0])
     np.testing.assert_array_equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("k,levels", [(1, 2), (5, 3), (8, 1000)])
+def test_two_stage_tile_topk_equals_stable_argsort(k, levels):
+    """The block top-k of one score tile: same columns and values as a stable descending argsort, with
+    heavy ties (2 or 3 distinct values) and without."""
+    import jax.numpy as jnp
+
+    from trainers.evaluators.exact_search import TOPK_BLOCK, _tile_topk
+
+    s = np.random.default_rng(k).integers(0, levels, (9, 64 * TOPK_BLOCK)).astype(np.float32)
+    v, c = _tile_topk(jnp.asarray(s), k)
+    want = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(np.asarray(c), want)
+    np.testing.assert_array_equal(np.asarray(v), np.take_along_axis(s, want, 1))
 
 
 def test_jax_exact_k_above_n_and_empty():
@@ -123,6 +140,48 @@ def test_tuning_reaches_target_on_hard_corpus(hard_corpus, tmp_path):
     assert R._overlap_at_k(got, exact_idx, 10, gallery.shape[0]) == pytest.approx(res["ann_recall_vs_exact@10"])
 
 
+def test_leaf_count_search_rebuilds_with_fewer_leaves(hard_corpus, monkeypatch):
+    """Where the tuned search needs > 10% of the leaves, the tree is rebuilt with half as many, each
+    rebuild tuned the same way; the fastest index meeting the target is kept and the search stops at
+    the first rebuild that is not faster. QPS is replaced by a cost model (centroids plus items
+    scored) so the choice does not depend on this machine's load."""
+    gallery, queries = hard_corpus
+    n = gallery.shape[0]
+    exact_idx, _ = R.exact_search(queries, gallery, 10)
+
+    def cost_model_qps(searcher, qs, k):
+        p = searcher.params_
+        return 1e9 / (p.num_leaves * 64 + n * p.num_leaves_to_search / p.num_leaves)
+
+    monkeypatch.setattr(R, "_sample_qps", cost_model_qps)
+    searcher, t, _ = R.build_tuned_scann(gallery, queries, exact_idx, 10, ann="scann", tune_sample=300)
+    leaves = [e["num_leaves"] for e in t.indexes]
+    assert t.indexes[0]["num_leaves_to_search"] > 0.1 * 173, "the rule must search many leaves here"
+    assert len(leaves) >= 2 and leaves == [173 >> i for i in range(len(leaves))]
+    score = [(e["met"], e["sample_qps"] if e["met"] else e["recall"]) for e in t.indexes]
+    chosen = leaves.index(t.num_leaves)
+    assert searcher.params_.num_leaves == t.num_leaves and t.met
+    assert score[chosen] == max(score)
+    assert all(a < b for a, b in zip(score[:chosen], score[1:chosen + 1]))  # each kept rebuild was faster
+    assert len(leaves) == R.DEFAULT_MAX_REBUILDS + 1 or chosen == len(leaves) - 2 or (
+        t.num_leaves_to_search <= 0.1 * t.num_leaves)  # why it stopped
+    assert t.rule_searcher.params_ == R.scann_params_for(n, 10, force_tree=True)
+    assert "leaf count searched" in t.message
+    _, t0, _ = R.build_tuned_scann(gallery, queries, exact_idx, 10, ann="scann", tune_sample=300,
+                                   tune_budget={"max_rebuilds": 0})
+    assert [e["num_leaves"] for e in t0.indexes] == [173]
+
+
+def test_leaf_count_search_keeps_a_narrow_rule():
+    """Tight clusters: the rule's index meets the target searching <= 10% of its leaves; no rebuild."""
+    rng = np.random.default_rng(3)
+    centres = R.l2_normalize(rng.standard_normal((40, 64)).astype(np.float32))
+    gallery, queries = _clustered(rng, 30_000, 64, centres, 0.6), _clustered(rng, 300, 64, centres, 0.6)
+    exact_idx, _ = R.exact_search(queries, gallery, 10)
+    _, t, _ = R.build_tuned_scann(gallery, queries, exact_idx, 10, ann="scann")
+    assert t.met and [e["num_leaves"] for e in t.indexes] == [173] and t.num_leaves_to_search <= 17
+
+
 def test_tuning_refuses_when_budget_too_small(hard_corpus, caplog):
     gallery, queries = hard_corpus
     ids = np.arange(gallery.shape[0])
@@ -131,8 +190,9 @@ def test_tuning_refuses_when_budget_too_small(hard_corpus, caplog):
     with caplog.at_level(logging.WARNING, logger="trainers.evaluators.retrieval"):
         res = R.evaluate_retrieval(queries, gallery, ids, relevant, ks=(10,), ann="scann",
                                    tune_budget={"max_leaves_to_search": rule.num_leaves_to_search,
-                                                "max_reorder": rule.reorder})
+                                                "max_reorder": rule.reorder, "max_rebuilds": 1})
     assert res["ann_target_met"] is False
+    assert [(e["num_leaves"], e["met"]) for e in res["ann_tuning"]["indexes"]] == [(173, False), (86, False)]
     assert res["ann_tuning"]["recall"] < 0.99 and len(res["ann_tuning"]["trials"]) == 1
     assert "did NOT reach the target" in res["ann_status"] and "budget spent" in res["ann_status"]
     assert "did NOT reach the target" in caplog.text

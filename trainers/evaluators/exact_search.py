@@ -7,7 +7,8 @@ with ``k' = min(k, n)``, best first, ties by ascending index: the same contract 
 How: the gallery is padded to a multiple of ``gallery_chunk`` rows and put on the device once as
 ``[num_chunks, gallery_chunk, d]``; queries go in blocks of ``query_block`` rows. For one query
 block a ``lax.scan`` over gallery chunks computes the ``[query_block, gallery_chunk]`` score tile,
-takes its top-k (``lax.top_k``: among equal values the lower position comes first) and merges it
+takes its top-k (two-stage, ``_tile_topk``: the k best 32-column blocks by their maxima, then
+``lax.top_k`` over those; among equal values the lower position comes first) and merges it
 with the running top-k, the running entries placed first (they come from earlier chunks, hence
 lower indices), so ties resolve to the lowest gallery index exactly as a stable argsort would.
 Padding rows score ``-inf`` and are never chosen while ``k <= n``. Device memory: the gallery plus
@@ -58,6 +59,33 @@ def gallery_fits(n: int, d: int, *, device: Any = None, fraction: float = 0.5,
     return need <= (fraction * limit if limit else cpu_limit_bytes)
 
 
+TOPK_BLOCK = 32  # columns per block of the two-stage top-k (``_tile_topk``)
+
+
+def _tile_topk(s: jax.Array, k: int, block: int = TOPK_BLOCK) -> tuple[jax.Array, jax.Array]:
+    """Exact top-k of each row of a score tile, best first, ties to the lower column.
+    ``s [b, m] -> (values [b, k], columns [b, k] int32)``.
+
+    ``lax.top_k`` over a whole 4096-wide row costs as much as the matmul that made it, so rows are cut
+    into blocks of ``block`` columns and only the ``k`` blocks with the largest maxima are searched.
+    Exact: rank the blocks by (max desc, block asc); every block ranked ahead of the one holding the
+    i-th best entry contributes an entry ranked ahead of it (a larger value, or an equal value at a
+    lower column), so for i <= k at most k - 1 blocks come first and the k chosen blocks hold the
+    whole top-k. The chosen blocks are put back in column order, so ties still go to the lower column.
+    """
+    b, m = s.shape
+    if m % block or 4 * k * block > m:  # narrow tiles: the plain top-k is as cheap
+        v, p = lax.top_k(s, min(k, m))
+        return v, p.astype(jnp.int32)
+    sb = s.reshape(b, m // block, block)
+    _, top_blocks = lax.top_k(sb.max(axis=2), k)  # [b, k], lower block first among equal maxima
+    top_blocks = jnp.sort(top_blocks, axis=1)
+    cand = jnp.take_along_axis(sb, top_blocks[:, :, None], axis=1).reshape(b, k * block)
+    cols = (top_blocks[:, :, None] * block + jnp.arange(block, dtype=top_blocks.dtype)).reshape(b, k * block)
+    v, p = lax.top_k(cand, k)
+    return v, jnp.take_along_axis(cols, p, axis=1).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "n"))
 def _block_topk(q: jax.Array, g_chunks: jax.Array, *, k: int, n: int) -> tuple[jax.Array, jax.Array]:
     """``q [b, d], g_chunks [c, m, d] -> (scores [b, k], indices [b, k] int32)``, best first."""
@@ -71,9 +99,9 @@ def _block_topk(q: jax.Array, g_chunks: jax.Array, *, k: int, n: int) -> tuple[j
         s = jnp.dot(q, g.T, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
         idx = c * m + col
         s = jnp.where(idx[None, :] < n, s, -jnp.inf)
-        v, p = lax.top_k(s, min(k, m))  # a chunk may be narrower than k
+        v, p = _tile_topk(s, k)  # a chunk may be narrower than k
         cand_v = jnp.concatenate([best_v, v], axis=1)  # running (lower indices) first
-        cand_i = jnp.concatenate([best_i, c * m + p.astype(jnp.int32)], axis=1)
+        cand_i = jnp.concatenate([best_i, c * m + p], axis=1)
         v2, p2 = lax.top_k(cand_v, k)
         return (v2, jnp.take_along_axis(cand_i, p2, axis=1)), None
 

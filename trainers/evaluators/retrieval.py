@@ -9,7 +9,8 @@ Every retrieval task (TIGER-FG image->product, KuaiSearch recall, ...) reuses th
 * ``tune_scann`` / ``build_tuned_scann``: the rule below is a starting point; the search is
   widened (leaves-to-search, reorder) until ScaNN's recall@k against exact search on a query
   sample reaches ``target_recall`` (default 0.99), or a budget stops it, in which case its numbers
-  are reported as rejected, not final.
+  are reported as rejected, not final. When the tuned search needs more than 10% of the leaves, the
+  tree is rebuilt with half as many (up to 3 times) and the fastest index meeting the target kept.
 * ``ScannSearcher``: ScaNN 1.4.2, configured from the corpus size by ``scann_params_for``
   (rule below), searched with ``search_batched_parallel``.
 * ``evaluate_retrieval(query_emb, gallery_emb, gallery_ids, relevant, ks=..., ann=..., out_dir=...,
@@ -325,12 +326,13 @@ class ScannParams:
     reorder: int = 0
 
 
-def scann_params_for(n: int, k: int, *, force_tree: bool = False) -> ScannParams:
-    """The parameter rule of the module docstring, for ``n`` gallery items and ``k`` neighbours."""
+def scann_params_for(n: int, k: int, *, force_tree: bool = False, num_leaves: int | None = None) -> ScannParams:
+    """The parameter rule of the module docstring, for ``n`` gallery items and ``k`` neighbours
+    (``num_leaves`` overrides the sqrt(n) leaf count; the rest of the rule follows from it)."""
     k = max(1, min(int(k), n))
     if n < MIN_TREE_ITEMS or (n < BRUTE_FORCE_BELOW and not force_tree):
         return ScannParams(kind="brute_force", num_neighbors=k)
-    num_leaves = int(np.clip(round(math.sqrt(n)), 16, max(16, n // 8)))
+    num_leaves = int(np.clip(round(math.sqrt(n)) if num_leaves is None else num_leaves, 16, max(16, n // 8)))
     return ScannParams(
         kind="tree_ah",
         num_neighbors=k,
@@ -464,7 +466,11 @@ class ScannTuning:
 
     ``recall`` is the mean |ANN top-k ∩ exact top-k| / k over ``sample_size`` queries at ``k``;
     ``trials`` lists every (leaves, reorder, recall, search seconds) tried, in order; ``met`` says
-    whether ``recall >= target``; ``message`` says what happened in one sentence.
+    whether ``recall >= target``; ``message`` says what happened in one sentence. ``num_leaves`` is
+    the chosen index's leaf count and ``indexes`` one entry per index built and tuned (the rule's
+    first, then each rebuild of ``build_tuned_scann``'s leaf search: leaves, build seconds, tuned
+    parameters, sampled recall and QPS); ``tune_s`` includes those rebuilds. ``rule_searcher`` (not
+    saved) is the rule's own index, kept for side-by-side reports.
     """
 
     target: float
@@ -477,9 +483,13 @@ class ScannTuning:
     trials: list[dict[str, Any]]
     tune_s: float
     message: str
+    num_leaves: int = 0
+    indexes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    rule_searcher: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: json.loads(json.dumps(getattr(self, f.name)))
+                for f in dataclasses.fields(self) if f.name != "rule_searcher"}
 
     def report(self, prefix: str) -> dict[str, Any]:
         """The summary fields reports carry, under ``prefix`` (``ann_``, ``scann/``)."""
@@ -557,7 +567,40 @@ def tune_scann(searcher: ScannSearcher, sample_queries: np.ndarray, exact_idx: n
                f"{max_l} leaves, reorder {max_r}); its numbers are not final")
     tuned = searcher.with_search_params(leaves, reorder)
     return tuned, ScannTuning(target, k, met, recall, s, leaves, reorder, trials,
-                              time.perf_counter() - t_start, msg)
+                              time.perf_counter() - t_start, msg, num_leaves=p.num_leaves)
+
+
+REBUILD_FRACTION = 0.1  # tuned to search more than this fraction of the leaves: try fewer, larger leaves
+DEFAULT_MAX_REBUILDS = 3
+
+
+def _tune_on_sample(searcher: ScannSearcher, queries: np.ndarray, exact_idx: np.ndarray, k: int,
+                    target: float, rows: np.ndarray | None, budget: dict[str, Any]
+                    ) -> tuple[ScannSearcher, ScannTuning]:
+    """``tune_scann`` on the sample ``rows`` (None: all queries); if the tuned parameters then miss
+    the target on all the queries, tuning resumes with all of them as the sample."""
+    if rows is None:
+        return tune_scann(searcher, queries, exact_idx, k, target, **budget)
+    tuned, tuning = tune_scann(searcher, queries[rows], exact_idx[rows], k, target, **budget)
+    if tuning.met:
+        full_idx, _ = tuned.search(queries, k)
+        if _overlap_at_k(full_idx, exact_idx, k, searcher.size) < target:
+            log.info("tuned on %d queries but short on all %d: tuning on all of them", rows.size, queries.shape[0])
+            first = tuning
+            tuned, tuning = tune_scann(tuned, queries, exact_idx, k, target, **budget)
+            tuning.trials = first.trials + tuning.trials
+            tuning.tune_s += first.tune_s
+    return tuned, tuning
+
+
+def _sample_qps(searcher: ScannSearcher, queries: np.ndarray, k: int) -> float:
+    """Queries/s of the best of two searches of ``queries`` (the tuning sample)."""
+    best = math.inf
+    for _ in range(2):
+        t0 = time.perf_counter()
+        searcher.search(queries, k)
+        best = min(best, time.perf_counter() - t0)
+    return queries.shape[0] / max(best, 1e-9)
 
 
 def build_tuned_scann(gallery: np.ndarray, queries: np.ndarray, exact_idx: np.ndarray, k: int, *,
@@ -567,10 +610,16 @@ def build_tuned_scann(gallery: np.ndarray, queries: np.ndarray, exact_idx: np.nd
     """Builds the ANN for ``ann`` and tunes it to ``target_recall`` (None: the rule, untuned).
 
     The sample is ``tune_sample`` queries drawn without replacement (all when fewer), scored
-    against their rows of ``exact_idx``; if the tuned parameters then miss the target on all the
-    queries, tuning resumes with all of them as the sample. Returns ``(searcher or None,
-    tuning or None, build seconds)``. This is what ``evaluate_retrieval`` and ``ecomax retrieval
-    bench`` both run.
+    against their rows of ``exact_idx`` (``_tune_on_sample``). Then the leaf count is searched: while
+    the best index so far needs more than ``REBUILD_FRACTION`` of its leaves searched (or misses the
+    target), the tree is rebuilt with half as many leaves and tuned the same way, at most
+    ``tune_budget["max_rebuilds"]`` times (default 3), stopping at the first rebuild that is not
+    faster. Indexes are ranked by (target met, sampled QPS at their tuned parameters; recall when
+    none meets it). When a query's neighbours are spread over many leaves (wide clusters cut apart
+    by sqrt(n) leaves), fewer, larger leaves reach the target at a smaller searched fraction.
+
+    Returns ``(searcher or None, tuning or None, build seconds of the returned index)``. This is
+    what ``evaluate_retrieval`` and ``ecomax retrieval bench`` both run.
     """
     t0 = time.perf_counter()
     searcher = _build_searcher(gallery, k, ann)
@@ -578,20 +627,46 @@ def build_tuned_scann(gallery: np.ndarray, queries: np.ndarray, exact_idx: np.nd
     if searcher is None or target_recall is None:
         return searcher, None, build_s
     budget = dict(tune_budget or {})
+    max_rebuilds = int(budget.pop("max_rebuilds", DEFAULT_MAX_REBUILDS))
     q = queries.shape[0]
-    if q > tune_sample:
-        rows = np.sort(np.random.default_rng(seed).choice(q, tune_sample, replace=False))
-        tuned, tuning = tune_scann(searcher, queries[rows], exact_idx[rows], k, target_recall, **budget)
-        if tuning.met:
-            full_idx, _ = tuned.search(queries, k)
-            if _overlap_at_k(full_idx, exact_idx, k, gallery.shape[0]) < target_recall:
-                log.info("tuned on %d queries but short on all %d: tuning on all of them", tune_sample, q)
-                first = tuning
-                tuned, tuning = tune_scann(tuned, queries, exact_idx, k, target_recall, **budget)
-                tuning.trials = first.trials + tuning.trials
-                tuning.tune_s += first.tune_s
-    else:
-        tuned, tuning = tune_scann(searcher, queries, exact_idx, k, target_recall, **budget)
+    rows = np.sort(np.random.default_rng(seed).choice(q, tune_sample, replace=False)) if q > tune_sample else None
+    sample = queries if rows is None else queries[rows]
+    t_start = time.perf_counter()
+    rule = searcher
+
+    def tuned_entry(index: ScannSearcher, b_s: float) -> tuple[Any, ...]:
+        tuned, tuning = _tune_on_sample(index, queries, exact_idx, k, target_recall, rows, budget)
+        qps = _sample_qps(tuned, sample, k) if tuning.met else 0.0
+        tuning.indexes = [{"num_leaves": index.params_.num_leaves, "build_s": b_s,
+                           "num_leaves_to_search": tuning.num_leaves_to_search, "reorder": tuning.reorder,
+                           "recall": tuning.recall, "met": tuning.met, "sample_qps": qps}]
+        return (tuning.met, qps if tuning.met else tuning.recall), tuned, tuning, b_s
+
+    best = tuned_entry(searcher, build_s)
+    indexes = list(best[2].indexes)
+    while rule.params_.kind == "tree_ah" and len(indexes) - 1 < max_rebuilds:
+        _, tuned, tuning, _ = best
+        if tuning.met and tuning.num_leaves_to_search <= REBUILD_FRACTION * tuning.num_leaves:
+            break
+        leaves = tuning.num_leaves // 2
+        if leaves < 16:
+            break
+        log.info("ScaNN searches %d/%d leaves for the target: rebuilding with %d leaves",
+                 tuning.num_leaves_to_search, tuning.num_leaves, leaves)
+        t0 = time.perf_counter()
+        index = ScannSearcher(gallery, scann_params_for(gallery.shape[0], k, force_tree=True, num_leaves=leaves))
+        entry = tuned_entry(index, time.perf_counter() - t0)
+        indexes += entry[2].indexes
+        if entry[0] <= best[0]:
+            break
+        best = entry
+    _, tuned, tuning, build_s = best
+    tuning.indexes, tuning.rule_searcher = indexes, rule
+    tuning.tune_s = time.perf_counter() - t_start
+    if len(indexes) > 1:
+        tried = ", ".join(f"{e['num_leaves']}: {e['sample_qps']:,.0f}" if e["met"] else f"{e['num_leaves']}: missed"
+                          for e in indexes)
+        tuning.message += f"; leaf count searched ({len(indexes)} indexes, sampled QPS by leaves {tried})"
     (log.info if tuning.met else log.warning)("%s", tuning.message)
     return tuned, tuning, build_s
 
@@ -910,7 +985,8 @@ def bench_retrieval(queries: Any, gallery: Any, k: int = 10, *, target_recall: f
     interleaved (with the JAX matmul floor: the same score tiles, top-k replaced by a row max), and
     the medians are reported; ``exact/jax_vs_numpy_qps`` is their ratio,
     ``exact/jax_search_vs_matmul_floor`` how far the top-k bookkeeping keeps the search from the
-    bare matmul, and ``exact/ids_equal_fraction`` the fraction of (query, rank) slots where both
+    bare matmul, ``exact/jax_fraction_of_peak`` its GFLOP/s over a 2048² f32 matmul measured in the
+    same run (``flops.measure_cpu_matmul_peak``, on the default device), and ``exact/ids_equal_fraction`` the fraction of (query, rank) slots where both
     give the same id.
     ``exact/jax_first_block_s`` is the first call, on one query block: compile + that block, kept out of QPS.
     """
@@ -955,6 +1031,10 @@ def bench_retrieval(queries: Any, gallery: Any, k: int = 10, *, target_recall: f
     out["exact/jax_matmul_floor_s"] = statistics.median(floor_s)
     out["exact/jax_matmul_floor_gflops"] = 2.0 * q * n * gs.shape[1] / out["exact/jax_matmul_floor_s"] / 1e9
     out["exact/jax_search_vs_matmul_floor"] = out["exact/jax_search_s"] / out["exact/jax_matmul_floor_s"]
+    from trainers.flops import measure_cpu_matmul_peak  # noqa: PLC0415 (imports jax)
+
+    out["exact/matmul_peak_gflops"] = measure_cpu_matmul_peak() / 1e9  # this run, this device: the roofline
+    out["exact/jax_fraction_of_peak"] = out["exact/jax_gflops"] / out["exact/matmul_peak_gflops"]
 
     searcher, tuning, build_s = build_tuned_scann(gs, qs, jax_idx, k, ann=ann, target_recall=target_recall,
                                                   tune_sample=tune_sample, tune_budget=tune_budget)
@@ -964,9 +1044,10 @@ def bench_retrieval(queries: Any, gallery: Any, k: int = 10, *, target_recall: f
     out["ann_kind"] = searcher.kind
     out["scann/build_s"] = build_s
     runs = [("tuned", searcher)]
+    out["scann_tuned/build_s"] = build_s
     if tuning is not None and searcher.params_.kind == "tree_ah":
-        first = tuning.trials[0]
-        runs.insert(0, ("rule", searcher.with_search_params(first["num_leaves_to_search"], first["reorder"])))
+        runs.insert(0, ("rule", tuning.rule_searcher))  # the size rule's index, searched with the rule
+        out["scann_rule/build_s"] = tuning.indexes[0]["build_s"]
     for name, s in runs:
         t0 = time.perf_counter()
         idx, _ = s.search(qs, k)
