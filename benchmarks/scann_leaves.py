@@ -12,7 +12,6 @@ ground truth once. One run per count; absolute times on a shared machine are noi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import pathlib
 import sys
@@ -36,9 +35,7 @@ def main() -> int:
     print(f"{args.n:,} x {args.dim}, {args.centres} centres, noise {args.noise}; tune on {half} queries, "
           f"score the other {args.queries - half}; load average {os.getloadavg()[0]:.2f}", flush=True)
     for leaves in (int(x) for x in args.leaves.split(",")):
-        p = dataclasses.replace(R.scann_params_for(args.n, args.k, force_tree=True), num_leaves=leaves,
-                                num_leaves_to_search=max(10, leaves // 20),
-                                training_sample_size=min(args.n, max(100_000, 64 * leaves)))
+        p = R.scann_params_for(args.n, args.k, force_tree=True, num_leaves=leaves)  # the rule at that leaf count
         t = time.perf_counter()
         built = R.ScannSearcher(gallery, p)
         build_s = time.perf_counter() - t
