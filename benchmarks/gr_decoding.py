@@ -134,6 +134,26 @@ class StandInDecoder:
 
 
 @dataclasses.dataclass(frozen=True)
+class NullDecoder:
+    """No network: fixed per-level log-probs, nudged by the previous code so beams differ. What is left of
+    a step is the search itself (top-k, cache reorder) and the constraint: timing it isolates the cost of
+    the constraint mechanism, as STATIC's per-step anchor does."""
+
+    sizes: tuple[int, ...]
+
+    def init(self, rng: jax.Array) -> dict:
+        keys = jax.random.split(rng, len(self.sizes))
+        return {"lp": [jax.nn.log_softmax(3.0 * jax.random.normal(key, (k,))) for key, k in zip(keys, self.sizes)]}
+
+    def start(self, params: dict, batch: int, rng: jax.Array) -> tuple[Any, Any]:
+        return jnp.zeros((batch, 1), jnp.float32), {"h": jnp.zeros((batch, 1), jnp.float32)}
+
+    def step(self, params: dict, context: jax.Array, cache: dict, prev: jax.Array, level: int):
+        nudge = 1e-3 * (prev[:, None] % 7).astype(jnp.float32)
+        return params["lp"][level][None, :] + nudge + context[:, :1], cache
+
+
+@dataclasses.dataclass(frozen=True)
 class T5Decoder:
     """The generative retriever's own model (``models/seq2seq.py``, TIGER's sizes: 4 + 4 layers, d 128, 6 x 64
     heads, MLP 1024) over ``text`` query pieces + the SID code blocks, queries of ``query_len`` random pieces,
@@ -340,8 +360,9 @@ def main(argv=None) -> None:
     ap.add_argument("--brute-runs", type=int, default=2, help="timed rounds of brute-force (it is slow)")
     ap.add_argument("--brute-chunk", type=int, default=8192)
     ap.add_argument("--methods", default="constrained,unconstrained,host-trie,brute-force")
-    ap.add_argument("--decoder", default="stand-in", choices=("stand-in", "t5"),
-                    help="stand-in: one dense layer; t5: the GR model at TIGER's sizes (models/seq2seq.py)")
+    ap.add_argument("--decoder", default="stand-in", choices=("stand-in", "t5", "null"),
+                    help="stand-in: one dense layer; t5: the GR model at TIGER's sizes (models/seq2seq.py); "
+                         "null: no network, the constraint mechanism's own cost")
     args = ap.parse_args(argv)
     if args.quick:
         args.items, args.codes, args.max_dup, args.beams, args.batches, args.runs = 20_000, 32, 12, 10, "4", 3
@@ -362,7 +383,7 @@ def main(argv=None) -> None:
     brute = BruteForceConstraint.of(table, sizes, args.brute_chunk) if "brute-force" in methods else None
     prefixes = host_prefix_dict(table) if "host-trie" in methods else None
     table_set = {tuple(r) for r in table.tolist()}
-    decoder = StandInDecoder(sizes) if args.decoder == "stand-in" else T5Decoder(sizes)
+    decoder = {"stand-in": StandInDecoder, "t5": T5Decoder, "null": NullDecoder}[args.decoder](sizes)
     print(f"decoder: {args.decoder}")
     params = decoder.init(jax.random.key(0))
 
@@ -399,7 +420,8 @@ def main(argv=None) -> None:
                              valid=check_valid(results[m], table_set, m), same=same.get(m)))
     print(f"after: {uptime()}")
 
-    what = f"stand-in decoder d={decoder.d}" if args.decoder == "stand-in" else "T5 decoder (TIGER sizes, KV cache)"
+    what = {"stand-in": "stand-in decoder d=128", "t5": "T5 decoder (TIGER sizes, KV cache)",
+            "null": "null decoder (no network: the search and its constraint alone)"}[args.decoder]
     print(f"\nbeam {args.beams}, D = {len(sizes)} levels, {what}; median of the timed rounds")
     head = f"{'batch':>5} {'method':<14} {'ms/step':>9} {'queries/s':>10} {'x uncon.':>9} {'host/this':>9} " \
            f"{'valid':>6} {'=constr.':>8} {'runs':>4}"
