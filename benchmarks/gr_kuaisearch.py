@@ -2,7 +2,8 @@
 the popularity and BM25 rows of the same test sessions.
 
     python benchmarks/gr_kuaisearch.py [--tokenizers tiny,rqvae_tiny,quasid_tiny,adasid_tiny] [--dsi-steps 600]
-                                       [--ltrgr-steps 300] [--seeds 0,1,2] [--json rows.json]
+                                       [--ltrgr-steps 300] [--ltrgr-losses pairs,all] [--seeds 0,1,2]
+                                       [--json rows.json]
 
 For each tokenizer (a ``configs/sid.py`` variant at the same codebook size, 3 x 16 + the dedup digit): item
 texts -> SIDs (``ecomax gr sids``), DSI trained from scratch, LTRGR continued from the DSI run
@@ -57,11 +58,12 @@ def _tokenizer_rows(tok: str, seed: int, tmp: pathlib.Path, args, build_sids, wr
     dsi, t_dsi = _run("tiny", tmp / f"dsi-{tok}", [*common, f"train.steps={args.dsi_steps}",
                                                    f"train.checkpoint_every={args.dsi_steps}"])
     runs = [("DSI", dsi, t_dsi, args.dsi_steps)]
-    if args.ltrgr_steps:
-        ltrgr, t_ltrgr = _run("ltrgr_tiny", tmp / f"ltrgr-{tok}", [
+    losses = args.ltrgr_losses.split(",") if args.ltrgr_steps else []
+    for loss in losses:
+        ltrgr, t_ltrgr = _run("ltrgr_tiny", tmp / f"ltrgr-{tok}-{loss}", [
             *common, f"init_from.model.path={tmp / f'dsi-{tok}'}", f"train.steps={args.ltrgr_steps}",
-            f"train.checkpoint_every={args.ltrgr_steps}"])
-        runs.append(("LTRGR", ltrgr, t_ltrgr, args.ltrgr_steps))
+            f"train.checkpoint_every={args.ltrgr_steps}", f"ltrgr.loss={loss}"])
+        runs.append(("LTRGR" if len(losses) == 1 else f"LTRGR ({loss})", ltrgr, t_ltrgr, args.ltrgr_steps))
     rows = [{"tokenizer": tok, "method": method, "seed": seed, "steps": steps, "seconds": round(secs, 1),
              "collision_rate": sid_metrics["collision_rate"], **{m: ev[m] for m in METRICS}}
             for method, ev, secs, steps in runs]
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizers", default="tiny,rqvae_tiny", help="configs/sid.py variants, comma-separated")
     p.add_argument("--dsi-steps", type=int, default=600)
     p.add_argument("--ltrgr-steps", type=int, default=300)
+    p.add_argument("--ltrgr-losses", default="pairs",
+                   help="ltrgr.loss variants, each continued from the same DSI run: pairs (the released code), all")
     p.add_argument("--seeds", default="0", help="seeds of the tokenizer and the runs, comma-separated")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)

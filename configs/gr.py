@@ -82,7 +82,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if ltrgr:  # LTRGR's learning-to-rank phase (Li et al. 2024, Sec. 3.3), continued from a DSI run
         c.ltrgr = ml_collections.ConfigDict({
             "beams": 10 if tiny else 50,     # candidates per query from the model's own beam search
+            "loss": "pairs",                 # pairs: the released code's two pairs; all: every beam negative
             "margin": 1.0,                   # m of the margin rank loss
+            "random_margin": 1.0,            # m' of the drawn pair (the released code: m + 100 at m = 300)
             "gen_weight": 1.0,               # lambda: L = L_rank + lambda * L_dsi
             "max_relevant": 8,               # relevant SIDs per query kept to tell negatives apart
         })

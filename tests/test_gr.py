@@ -12,7 +12,7 @@ from conftest import REPO, load_test_config, logged_losses
 from data_pipelines.sid.embeddings import text_vectors
 from data_pipelines.sid.table import codes_of
 from models.gr import SIDVocab, code_log_probs, sequence_log_prob
-from trainers.losses import dsi_loss, ltrgr_rank_loss
+from trainers.losses import dsi_loss, ltrgr_pair_loss, ltrgr_rank_loss
 
 # the tests of one DSI run (a module fixture) share a pytest-xdist worker; the rest spread out
 ON_THE_DSI_RUN = pytest.mark.xdist_group("test_gr_dsi_run")
@@ -75,6 +75,26 @@ def test_ltrgr_rank_loss_hinges_on_negatives_within_the_margin():
     # hinges: row 0 cand 1: max(0, -3 + 1 + 1) = 0; row 1: max(0, -2 + 5 + 1) = 4, max(0, -9 + 5 + 1) = 0
     np.testing.assert_allclose(loss, 4.0 / 3, rtol=1e-6)
     np.testing.assert_allclose(m["rank_violations"], 1 / 3, rtol=1e-6)
+
+
+def test_ltrgr_pair_loss_top_pair_plus_a_drawn_pair():
+    """Row 0: relevant -1, -2 (and padding), negatives -1.5, -4: top pair 0.5 within margin 1; with one valid
+    entry on each side the drawn pair is forced. Row 1 has no negative: left out of the mean."""
+    pos = jnp.array([[-1.0, -2.0, 0.0], [-1.0, 0.0, 0.0]])
+    pos_valid = jnp.array([[True, True, False], [True, False, False]])
+    neg = jnp.array([[-1.5, -4.0], [-9.0, -9.0]])
+    neg_valid = jnp.array([[True, True], [False, False]])
+    draws = set()
+    for seed in range(40):
+        loss, m = ltrgr_pair_loss(pos, pos_valid, neg, neg_valid, jax.random.key(seed), margin=1.0, random_margin=2.0)
+        # hard: max(0, -1.5 - (-1) + 1) = 0.5; drawn pairs (p, n) in {-1,-2} x {-1.5,-4} with m' = 2
+        drawn = 2 * float(loss) - 0.5
+        assert any(np.isclose(drawn, max(0.0, n - p + 2.0)) for p in (-1.0, -2.0) for n in (-1.5, -4.0)), drawn
+        draws.add(round(drawn, 4))
+        assert float(m["rank_violations"]) == 1.0
+    assert draws == {1.5, 2.5, 0.0}  # all four pairs drawn (two give 0): the padding (0.0 score) never is
+    one = ltrgr_pair_loss(pos[:1, :1], pos_valid[:1, :1], neg[:1, :1], neg_valid[:1, :1], jax.random.key(0), 1.0, 2.0)[0]
+    np.testing.assert_allclose(one, 0.5 * 0.5 + 0.5 * 1.5, rtol=1e-6)
 
 
 def test_gr_sids_builds_a_table_for_every_item_of_the_world(tiny_sids):

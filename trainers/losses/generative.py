@@ -45,6 +45,35 @@ def ltrgr_rank_loss(positive: jax.Array, candidates: jax.Array, negative: jax.Ar
         "rank_violations": jnp.sum(negative & (hinge > 0)) / n}
 
 
+def ltrgr_pair_loss(positive: jax.Array, positive_valid: jax.Array, negative: jax.Array, negative_valid: jax.Array,
+                    rng: jax.Array, margin: float, random_margin: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """LTRGR's rank loss as its released code computes it (Li et al. 2024, Sec. 3.3; MINDER's
+    ``learn_to_rank``): ``0.5 max(0, s(q, p_neg^top) - s(q, p_pos^top) + m) + 0.5 max(0, s(q, p_neg^rand) -
+    s(q, p_pos^rand) + m')``: the top-ranked relevant item against the top-ranked beam negative, plus one
+    uniformly drawn relevant item against one drawn negative (the released code widens ``m'`` over ``m``).
+
+    ``positive [B, R]`` log-likelihoods of the query's relevant SIDs (``positive_valid`` masks padding);
+    ``negative [B, W]`` of the beam's non-relevant SIDs (``negative_valid``); queries lacking either side
+    are left out of the mean -> (loss, {rank_violations: the fraction of queries whose top negative is
+    within the margin of their top positive}).
+    """
+    k_pos, k_neg = jax.random.split(rng)
+    have = positive_valid.any(1) & negative_valid.any(1)
+
+    def top(s, valid):
+        return jnp.max(jnp.where(valid, s, -jnp.inf), axis=1)
+
+    def drawn(key, s, valid):  # uniform over the valid entries (Gumbel-max over equal logits)
+        pick = jnp.argmax(jnp.where(valid, jax.random.gumbel(key, s.shape), -jnp.inf), axis=1)
+        return jnp.take_along_axis(s, pick[:, None], axis=1)[:, 0]
+
+    hard = jax.nn.relu(top(negative, negative_valid) - top(positive, positive_valid) + margin)
+    rand = jax.nn.relu(drawn(k_neg, negative, negative_valid) - drawn(k_pos, positive, positive_valid) + random_margin)
+    n = jnp.maximum(jnp.sum(have), 1)
+    mean = lambda x: jnp.sum(jnp.where(have, x, 0.0)) / n  # noqa: E731
+    return 0.5 * mean(hard) + 0.5 * mean(rand), {"rank_violations": jnp.sum(have & (hard > 0)) / n}
+
+
 def ranker_reward(click_prob: np.ndarray, hit: np.ndarray, hit_weight: float = 0.0) -> np.ndarray:
     """OneMall's retrieval-ranking reward (OneMall, Sec. 3.3, ``J = E_pi[R_rank]``): the frozen ranking model's
     click probability of each generated item for the user and query, plus ``hit_weight`` for an item the user

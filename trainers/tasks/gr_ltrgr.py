@@ -7,7 +7,9 @@ rank loss over its own beam, so that the SIDs it generates are ordered by releva
 Each step is a rollout and an update in one program: the live model beam-searches the batch's queries
 (``ltrgr.beams``, trie-constrained), the beam's SIDs that are none of the query's relevant items are the
 negatives, and the loss is ``L_rank + gen_weight * L_dsi`` (``trainers/losses/generative.py``), every
-score the model's teacher-forced log-likelihood of a SID. The trie rides in the task state (replicated).
+score the model's teacher-forced log-likelihood of a SID. ``ltrgr.loss``: ``pairs`` (the released code:
+top relevant vs top negative + a drawn pair, ``ltrgr_pair_loss``) or ``all`` (the training pair's item vs
+every negative, ``ltrgr_rank_loss``). The trie rides in the task state (replicated).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from data_pipelines.kuaisearch.transforms import GenerativeTransform
 from models.gr import code_log_probs, sequence_log_prob
-from trainers.losses import dsi_loss, ltrgr_rank_loss
+from trainers.losses import dsi_loss, ltrgr_pair_loss, ltrgr_rank_loss
 from trainers.tasks import Batch, Metrics, register
 from trainers.tasks.gr_dsi import DSITask, Seq2Seq, generate
 
@@ -48,11 +50,23 @@ class LTRGRTask(DSITask):
     def loss(self, model: Seq2Seq, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         logits = self.teacher_forced(model, batch)
         gen, metrics = dsi_loss(code_log_probs(self.vocab, logits), batch["codes"])
-        b, w, depth = batch["candidates"].shape
-        cands = batch["candidates"].reshape(b * w, depth)   # a query's W candidates share its encoder pass
-        cand_logits = model(batch["input_ids"], batch["input_mask"], self.vocab.decoder_inputs(cands))
-        scores = sequence_log_prob(self.vocab, cand_logits, cands).reshape(b, w)
-        rank, rank_metrics = ltrgr_rank_loss(sequence_log_prob(self.vocab, logits, batch["codes"]), scores,
-                                             batch["negative"], self.config.ltrgr.margin)
-        return rank + self.config.ltrgr.gen_weight * gen, {**metrics, **rank_metrics, "dsi_loss": gen,
-                                                             "rank_loss": rank}
+        cfg = self.config.ltrgr
+        w = batch["candidates"].shape[1]
+        if cfg.loss == "pairs":  # the released code's pairs: beam negatives against the query's relevant SIDs
+            relevant = batch["relevant_codes"]
+            scores = self._scores(model, batch, jax.numpy.concatenate([batch["candidates"], relevant.clip(0)], 1))
+            rank, rank_metrics = ltrgr_pair_loss(scores[:, w:], (relevant >= 0).all(-1), scores[:, :w],
+                                                 batch["negative"], rng, cfg.margin, cfg.random_margin)
+        else:  # "all": the training pair's item against every beam negative
+            rank, rank_metrics = ltrgr_rank_loss(sequence_log_prob(self.vocab, logits, batch["codes"]),
+                                                 self._scores(model, batch, batch["candidates"]), batch["negative"],
+                                                 cfg.margin)
+        return rank + cfg.gen_weight * gen, {**metrics, **rank_metrics, "dsi_loss": gen, "rank_loss": rank}
+
+    def _scores(self, model: Seq2Seq, batch: Batch, sids: jax.Array) -> jax.Array:
+        """``sids [B, S, D]`` -> their teacher-forced log-likelihoods ``[B, S]``; a query's S SIDs share its
+        encoder pass."""
+        b, n, depth = sids.shape
+        flat = sids.reshape(b * n, depth)
+        logits = model(batch["input_ids"], batch["input_mask"], self.vocab.decoder_inputs(flat))
+        return sequence_log_prob(self.vocab, logits, flat).reshape(b, n)
