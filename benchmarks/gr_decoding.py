@@ -420,7 +420,7 @@ def main(argv=None) -> None:
                              valid=check_valid(results[m], table_set, m), same=same.get(m)))
     print(f"after: {uptime()}")
 
-    what = {"stand-in": "stand-in decoder d=128", "t5": "T5 decoder (TIGER sizes, KV cache)",
+    what = {"stand-in": f"stand-in decoder d={getattr(decoder, 'd', 0)}", "t5": "T5 decoder (TIGER sizes, KV cache)",
             "null": "null decoder (no network: the search and its constraint alone)"}[args.decoder]
     print(f"\nbeam {args.beams}, D = {len(sizes)} levels, {what}; median of the timed rounds")
     head = f"{'batch':>5} {'method':<14} {'ms/step':>9} {'queries/s':>10} {'x uncon.':>9} {'host/this':>9} " \

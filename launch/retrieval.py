@@ -99,7 +99,9 @@ def format_table(r: dict[str, Any]) -> str:
         tail.append(f"exact JAX search at {r['exact/jax_fraction_of_peak']:.0%} of the 2048² f32 matmul peak "
                     f"measured in this run ({r['exact/matmul_peak_gflops']:.1f} GFLOP/s)")
     if "scann/status" in r:
-        tail.append(r["scann/status"] + f" (tuning {r['scann/tune_s']:.1f} s)")
+        cost = (f"; rule build + rebuilds + tuning {r['scann/total_s']:.1f} s in all"
+                if "scann/total_s" in r else "")
+        tail.append(r["scann/status"] + f" (tuning searches {r['scann/tune_s']:.1f} s{cost})")
     return "\n".join([head, *lines, *tail])
 
 

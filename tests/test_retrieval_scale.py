@@ -154,7 +154,8 @@ def test_leaf_count_search_rebuilds_with_fewer_leaves(hard_corpus, monkeypatch):
         return 1e9 / (p.num_leaves * 64 + n * p.num_leaves_to_search / p.num_leaves)
 
     monkeypatch.setattr(R, "_sample_qps", cost_model_qps)
-    searcher, t, _ = R.build_tuned_scann(gallery, queries, exact_idx, 10, ann="scann", tune_sample=300)
+    searcher, t, build_s = R.build_tuned_scann(gallery, queries, exact_idx, 10, ann="scann", tune_sample=300,
+                                               keep_rule=True)
     leaves = [e["num_leaves"] for e in t.indexes]
     assert t.indexes[0]["num_leaves_to_search"] > 0.1 * 173, "the rule must search many leaves here"
     assert len(leaves) >= 2 and leaves == [173 >> i for i in range(len(leaves))]
@@ -167,9 +168,15 @@ def test_leaf_count_search_rebuilds_with_fewer_leaves(hard_corpus, monkeypatch):
         t.num_leaves_to_search <= 0.1 * t.num_leaves)  # why it stopped
     assert t.rule_searcher.params_ == R.scann_params_for(n, 10, force_tree=True)
     assert "leaf count searched" in t.message
+    # the returned build seconds are the returned index's; the rebuilds' sum excludes the rule's build
+    assert build_s == t.indexes[chosen]["build_s"]
+    assert t.rebuild_s == pytest.approx(sum(e["build_s"] for e in t.indexes[1:]))
+    assert t.tune_s == pytest.approx(sum(e["tune_s"] for e in t.indexes))
+    json.dumps(t.as_dict())  # plain JSON, the rule's searcher left out
     _, t0, _ = R.build_tuned_scann(gallery, queries, exact_idx, 10, ann="scann", tune_sample=300,
-                                   tune_budget={"max_rebuilds": 0})
-    assert [e["num_leaves"] for e in t0.indexes] == [173]
+                                   tune_budget={"max_rebuilds": 0, "max_trials": np.int64(30)})
+    assert [e["num_leaves"] for e in t0.indexes] == [173] and t0.rule_searcher is None
+    json.dumps(t0.as_dict())  # numpy scalars in the budget still give plain JSON
 
 
 def test_leaf_count_search_keeps_a_narrow_rule():

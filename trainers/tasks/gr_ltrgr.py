@@ -57,10 +57,12 @@ class LTRGRTask(DSITask):
             scores = self._scores(model, batch, jax.numpy.concatenate([batch["candidates"], relevant.clip(0)], 1))
             rank, rank_metrics = ltrgr_pair_loss(scores[:, w:], (relevant >= 0).all(-1), scores[:, :w],
                                                  batch["negative"], rng, cfg.margin, cfg.random_margin)
-        else:  # "all": the training pair's item against every beam negative
+        elif cfg.loss == "all":  # the training pair's item against every beam negative
             rank, rank_metrics = ltrgr_rank_loss(sequence_log_prob(self.vocab, logits, batch["codes"]),
                                                  self._scores(model, batch, batch["candidates"]), batch["negative"],
                                                  cfg.margin)
+        else:
+            raise ValueError(f"ltrgr.loss must be 'pairs' or 'all', got {cfg.loss!r}")
         return rank + cfg.gen_weight * gen, {**metrics, **rank_metrics, "dsi_loss": gen, "rank_loss": rank}
 
     def _scores(self, model: Seq2Seq, batch: Batch, sids: jax.Array) -> jax.Array:
