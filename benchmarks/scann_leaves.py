@@ -3,7 +3,8 @@
     python benchmarks/scann_leaves.py [--leaves 300,500,1000,2000,4000] [--n 1000000] [--queries 2000]
                                       [--centres 2000] [--noise 0.6] [--k 10] [--target-recall 0.99]
 
-For each leaf count: the size rule's other parameters (5% of the leaves searched, reorder 100), built
+For each leaf count (``scann_params_for(..., num_leaves=L)``, which clips L to [16, n // 8]): the size
+rule's other parameters (max(10, ceil(5%)) of the leaves searched, reorder 100), built
 on the whole gallery, tuned by ``tune_scann`` to the target on the first half of the queries, then
 recall@k against exact search and QPS measured on the other half. Exact search (numpy) gives the
 ground truth once. One run per count; absolute times on a shared machine are noisy.
