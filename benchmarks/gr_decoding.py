@@ -420,8 +420,9 @@ def main(argv=None) -> None:
                              valid=check_valid(results[m], table_set, m), same=same.get(m)))
     print(f"after: {uptime()}")
 
-    what = {"stand-in": f"stand-in decoder d={getattr(decoder, 'd', 0)}", "t5": "T5 decoder (TIGER sizes, KV cache)",
-            "null": "null decoder (no network: the search and its constraint alone)"}[args.decoder]
+    what = f"stand-in decoder d={decoder.d}" if args.decoder == "stand-in" else {
+        "t5": "T5 decoder (TIGER sizes, KV cache)",
+        "null": "null decoder (no network: the search and its constraint alone)"}[args.decoder]
     print(f"\nbeam {args.beams}, D = {len(sizes)} levels, {what}; median of the timed rounds")
     head = f"{'batch':>5} {'method':<14} {'ms/step':>9} {'queries/s':>10} {'x uncon.':>9} {'host/this':>9} " \
            f"{'valid':>6} {'=constr.':>8} {'runs':>4}"

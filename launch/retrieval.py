@@ -81,8 +81,7 @@ def format_table(r: dict[str, Any]) -> str:
                  if p["kind"] == "tree_ah" else "ScaNN brute force")
         if not final:
             label += "  [NOT FINAL: target not met]"
-        rows.append((label, f"{r.get(f'scann_{name}/build_s', r['scann/build_s']):.1f}",
-                     f"{r[f'scann_{name}/recall_vs_exact@{k}']:.4f}",
+        rows.append((label, f"{r[f'scann_{name}/build_s']:.1f}", f"{r[f'scann_{name}/recall_vs_exact@{k}']:.4f}",
                      f"{r[f'scann_{name}/qps']:,.0f}"))
     w = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [" | ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]

@@ -627,8 +627,8 @@ def build_tuned_scann(gallery: np.ndarray, queries: np.ndarray, exact_idx: np.nd
     the best index so far and the candidate are alive at once (plus the rule's with ``keep_rule``).
 
     Returns ``(searcher or None, tuning or None, build seconds of the returned index)``; every
-    build's seconds are in ``tuning.indexes`` and the rebuilds' sum in ``tuning.rebuild_s``. This is what ``evaluate_retrieval`` and ``ecomax retrieval
-    bench`` both run.
+    build's seconds are in ``tuning.indexes`` and the rebuilds' sum in ``tuning.rebuild_s``. This is
+    what ``evaluate_retrieval`` and ``ecomax retrieval bench`` both run.
     """
     t0 = time.perf_counter()
     searcher = _build_searcher(gallery, k, ann)
@@ -660,7 +660,7 @@ def build_tuned_scann(gallery: np.ndarray, queries: np.ndarray, exact_idx: np.nd
     del searcher  # the rule's index lives on in best[1] (shared) until a rebuild replaces it
     indexes, tune_s, rebuild_s = list(best[2].indexes), best[2].tune_s, 0.0
     while is_tree and len(indexes) - 1 < max_rebuilds:
-        _, tuned, tuning, _ = best
+        tuning = best[2]
         if tuning.met and tuning.num_leaves_to_search <= REBUILD_FRACTION * tuning.num_leaves:
             break
         leaves = tuning.num_leaves // 2
@@ -1007,8 +1007,8 @@ def bench_retrieval(queries: Any, gallery: Any, k: int = 10, *, target_recall: f
     bare matmul, ``exact/jax_fraction_of_peak`` its GFLOP/s over a 2048² f32 matmul measured in the
     same run (``flops.measure_cpu_matmul_peak``, one default device at default precision: the roofline
     of a CPU host, where the search runs on one device in f32; on accelerators, where the search spreads
-    over all local devices at HIGHEST precision, read it against the device's own spec), and ``exact/ids_equal_fraction`` the fraction of (query, rank) slots where both
-    give the same id.
+    over all local devices at HIGHEST precision, read it against the device's own spec), and
+    ``exact/ids_equal_fraction`` the fraction of (query, rank) slots where both give the same id.
     ``exact/jax_first_block_s`` is the first call, on one query block: compile + that block, kept out of QPS.
     """
     import statistics  # noqa: PLC0415
@@ -1063,11 +1063,10 @@ def bench_retrieval(queries: Any, gallery: Any, k: int = 10, *, target_recall: f
         out["ann_kind"] = "none"
         return out
     out["ann_kind"] = searcher.kind
-    out["scann/build_s"] = build_s
+    out["scann/build_s"] = out["scann_tuned/build_s"] = build_s  # the returned index's build
+    out["scann_rule/build_s"] = tuning.indexes[0]["build_s"] if tuning is not None else build_s
     runs = [("tuned", searcher)]
-    out["scann_rule/build_s"] = out["scann_tuned/build_s"] = build_s
     if tuning is not None:
-        out["scann_rule/build_s"] = tuning.indexes[0]["build_s"]
         out["scann/total_s"] = tuning.indexes[0]["build_s"] + tuning.rebuild_s + tuning.tune_s  # all it took
         if searcher.params_.kind == "tree_ah":
             runs.insert(0, ("rule", tuning.rule_searcher))  # the size rule's index, searched with the rule

@@ -15,6 +15,7 @@ every negative, ``ltrgr_rank_loss``). The trie rides in the task state (replicat
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines.kuaisearch.transforms import GenerativeTransform
@@ -54,7 +55,7 @@ class LTRGRTask(DSITask):
         w = batch["candidates"].shape[1]
         if cfg.loss == "pairs":  # the released code's pairs: beam negatives against the query's relevant SIDs
             relevant = batch["relevant_codes"]
-            scores = self._scores(model, batch, jax.numpy.concatenate([batch["candidates"], relevant.clip(0)], 1))
+            scores = self._scores(model, batch, jnp.concatenate([batch["candidates"], relevant.clip(0)], 1))
             rank, rank_metrics = ltrgr_pair_loss(scores[:, w:], (relevant >= 0).all(-1), scores[:, :w],
                                                  batch["negative"], rng, cfg.margin, cfg.random_margin)
         elif cfg.loss == "all":  # the training pair's item against every beam negative
