@@ -31,20 +31,29 @@ NAMES = {"tiny": "Search-R1 (GRPO)", "sd_tiny": "SD-Search (GRPO + hindsight JSD
 SHOWN = ("em", "em_hop1", "em_hop2", "em_hop3", "searches", "format")
 
 
-def _config(spec: str, world: pathlib.Path, *overrides: str):
+def agent_config(spec: str, world: pathlib.Path, *overrides: str):
     from launch.config import load_config
 
     return load_config(f"{REPO / 'configs/search_agent.py'}:{spec}",
                        (f"data.world={world / 'world'}", f"data.index={world / 'index'}", *overrides))
 
 
-def _step_time(workdir: pathlib.Path) -> float:
+def step_time(workdir: pathlib.Path) -> float:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     times = [r["step_time"] for r in rows if "step_time" in r][2:]   # past the compiling steps
     return sum(times) / max(len(times), 1)
 
 
-def _run(train, config, workdir: pathlib.Path):
+def policy_size(layers: int, width: int) -> tuple[str, ...]:
+    """Overrides for a ``layers`` x ``width`` policy (heads of 32 from width 128 up, MLP 4x; none for tiny's)."""
+    if (layers, width) == (2, 64):
+        return ()
+    head = max(16, width // 4)
+    return (f"model.layers={layers}", f"model.embed={width}", f"model.mlp={4 * width}", f"model.head_dim={head}",
+            f"model.heads={width // head}")
+
+
+def run_or_exit(train, config, workdir: pathlib.Path):
     """``train``, stopping the whole benchmark when a run is interrupted (SIGTERM / SIGINT save and stop it)."""
     result = train(config, workdir)
     if result.status == "interrupted":
@@ -81,29 +90,26 @@ def main() -> None:
     print(f"# machine: {platform.machine()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; world "
           f"{summary['entities']} entities, questions {summary['questions']}", flush=True)
     evals = f"eval.questions={args.eval_questions}"
-    size = () if (args.layers, args.width) == (2, 64) else (
-        f"model.layers={args.layers}", f"model.embed={args.width}", f"model.mlp={4 * args.width}",
-        f"model.head_dim={max(16, args.width // 4)}", f"model.heads={args.width // max(16, args.width // 4)}")
+    size = policy_size(args.layers, args.width)
     t0 = time.time()
     stop = (f"train.stop_after={args.sft_stop_after}",) if args.sft_stop_after else ()
-    _run(train, _config("sft_tiny", out, f"train.steps={args.sft_steps}", "train.eval_every=0", evals, *size, *stop),
-         out / "sft")
+    run_or_exit(train, agent_config("sft_tiny", out, f"train.steps={args.sft_steps}", "train.eval_every=0", evals,
+                                    *size, *stop), out / "sft")
     warm = f"init_from.policy.path={out / 'sft'}"
     # the warm start evaluated by the RL task itself (one step at learning rate 0: the parameters unchanged)
-    start = _run(train, _config("tiny", out, "train.steps=1", "optimizer.learning_rate=0.0", evals, warm, *size),
-                 out / "warm_start_eval")
+    start = run_or_exit(train, agent_config("tiny", out, "train.steps=1", "optimizer.learning_rate=0.0", evals, warm,
+                                            *size), out / "warm_start_eval")
     rows = [{"method": "warm start (SFT on oracle rollouts)", "seed": 0, **start.eval_metrics,
-             "step_s": _step_time(out / "sft"), "wall_s": time.time() - t0}]
+             "step_s": step_time(out / "sft"), "wall_s": time.time() - t0}]
     print(json.dumps(rows[-1]), flush=True)
     for method in args.methods.split(","):
         for seed in map(int, args.seeds.split(",")):
             t0 = time.time()
             workdir = out / f"{method}_seed{seed}"
-            r = _run(train, _config(method, out, f"seed={seed}", f"train.steps={args.rl_steps}", evals,
-                                    f"train.batch_size={args.rl_batch}", "train.log_every=5",
-                                    f"optimizer.learning_rate={args.rl_lr}",
-                                    warm, *size), workdir)
-            rows.append({"method": NAMES[method], "seed": seed, **r.eval_metrics, "step_s": _step_time(workdir),
+            r = run_or_exit(train, agent_config(method, out, f"seed={seed}", f"train.steps={args.rl_steps}", evals,
+                                                f"train.batch_size={args.rl_batch}", "train.log_every=5",
+                                                f"optimizer.learning_rate={args.rl_lr}", warm, *size), workdir)
+            rows.append({"method": NAMES[method], "seed": seed, **r.eval_metrics, "step_s": step_time(workdir),
                          "wall_s": time.time() - t0})
             print(json.dumps(rows[-1]), flush=True)
     print(f"\n| method | seeds | {' | '.join(SHOWN)} | train step (s) |\n|---|---|{'---|' * len(SHOWN)}---|")

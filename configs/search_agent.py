@@ -75,7 +75,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # weighted x3 (the paper's); alpha, the dead zone and the negative scale are ecomax's (not in the text here).
     c.ig = ml_collections.ConfigDict({"counterfactuals": 3, "max_golds": 1 if tiny else 3,
                                       "answer_tokens": 8 if tiny else 32, "first_tokens": 3, "first_weight": 3.0,
-                                      "alpha": 0.5, "dead_zone": 0.0, "negative_scale": 0.5})
+                                      "alpha": 0.5, "dead_zone": 0.0, "negative_scale": 0.5,
+                                      # score the counterfactuals from one cached pass over the rollout (equal
+                                      # to re-running each context in full when none is cut to 4096 tokens)
+                                      "share_prefix": True})
 
     c.train.steps = 20 if tiny else 1005
     c.train.batch_size = 2 if tiny else 512      # questions per step (x agent.group rollouts)

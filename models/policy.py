@@ -8,7 +8,8 @@ module is not used: its attention calls ``apply_rope`` without the config's ``ro
 SmolLM2 checkpoint (theta 1e5) gives logits off by up to 4.2 from transformers', 9e-5 once theta is passed.
 
 Parameters carry ecomax's logical axis names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``), so the
-config's sharding rules place them like every other model. Shapes: ``B`` rows, ``C`` context, ``G`` new tokens.
+config's sharding rules place them like every other model. Shapes: ``B`` rows, ``C`` context, ``G`` new tokens,
+``M`` continuations of a row, ``S`` their tokens.
 """
 
 from __future__ import annotations
@@ -135,6 +136,41 @@ def picked_logprobs(logits: jax.Array, tokens: jax.Array, valid: jax.Array, temp
 def token_logprobs(model: nnx.Module, tokens: jax.Array, valid: jax.Array, temperature: float = 1.0) -> jax.Array:
     """``picked_logprobs`` of one teacher-forced pass of ``model``."""
     return picked_logprobs(logits_of(model, tokens, valid), tokens, valid, temperature)
+
+
+def continuation_logprobs(model: nnx.Module, cfg, tokens: jax.Array, valid: jax.Array, start: jax.Array,
+                          suffix: jax.Array, suffix_valid: jax.Array) -> jax.Array:
+    """Score ``M`` continuations of each row's prefix from one prefill: continuation m of row b is
+    ``tokens[b, :start[b, m]]`` (its valid tokens) followed by ``suffix[b, m]``; -> ``[B, M, S]``, log p of
+    each suffix token given everything before it, as ``token_logprobs`` of the concatenation gives it (0 at
+    padding and at the suffix's first token, which is predicted from the prefix: score tokens after it).
+    ``tokens, valid [B, L]``, ``start [B, M]``, ``suffix, suffix_valid [B, M, S]``.
+
+    The prefix's keys and values come from one cached pass over each whole row (a causal model's key at
+    position j reads only tokens up to j), so a row costs one pass of L tokens plus ``M`` passes of ``S``
+    instead of ``M`` of ``L + S``: IG-Search's counterfactual contexts share everything before a step's
+    documents."""
+    B, L = tokens.shape
+    M, S = suffix.shape[1:]
+    size = L + S
+    _, cache = model(tokens, positions_of(valid), _cache(cfg, B, size, jnp.asarray(0.0, cfg.dtype).dtype),
+                     causal_mask(valid, size))
+    own = jnp.tril(jnp.ones((S, S), bool))
+
+    def row(args):
+        kv, row_valid, row_start, suf, suf_valid = args
+        prefix = row_valid[None, :] & (jnp.arange(L)[None, :] < row_start[:, None])          # [M, L]
+        mask = jnp.concatenate([jnp.broadcast_to(prefix[:, None, :], (M, S, L)),
+                                suf_valid[:, None, :] & own[None]], axis=-1)                  # [M, S, L + S]
+        pos = jnp.sum(prefix, -1, keepdims=True) + jnp.cumsum(suf_valid, -1) - 1
+        tiled = {name: {"k": jnp.broadcast_to(c["k"], (M, *c["k"].shape)),
+                        "v": jnp.broadcast_to(c["v"], (M, *c["v"].shape)),
+                        "end_index": jnp.full((M,), L, jnp.int32)} for name, c in kv.items()}
+        logits, _ = model(suf, jnp.maximum(pos, 0), tiled, mask)
+        return picked_logprobs(logits, suf, suf_valid)
+
+    kv = {name: {"k": c["k"], "v": c["v"]} for name, c in cache.items()}
+    return jax.lax.map(row, (kv, valid, start, suffix, suffix_valid))
 
 
 def _cache(cfg, batch: int, size: int, dtype) -> dict:

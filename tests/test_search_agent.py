@@ -79,7 +79,7 @@ def test_ig_search_swaps_documents_and_scores_the_gain(monkeypatch):
 
     tok = word_tokenizer(TEXTS + ["where velmoria"])
     task = SearchAgentTask(load_test_config("configs/search_agent.py:ig_tiny", "agent.context=64",
-                                            "agent.turn_tokens=8", "agent.max_turns=1"))
+                                            "agent.turn_tokens=8", "agent.max_turns=1", "ig.share_prefix=False"))
     task.__dict__["tokenizer"] = tok
     _, eps = _episodes(tok)
     out = task.counterfactuals(eps, [("Lunaro",), ("Velmoria",)], step=0)
@@ -99,6 +99,36 @@ def test_ig_search_swaps_documents_and_scores_the_gain(monkeypatch):
     monkeypatch.setattr(policy, "token_logprobs", fake_logprobs)
     ig = task.information_gains(None, {k: jnp.asarray(v) for k, v in out.items()})
     np.testing.assert_allclose(np.asarray(ig), [[2.0], [-2.0]])      # -1 - (-3), -3 - (-1)
+
+
+def test_ig_search_shared_prefix_scores_equal_full_contexts():
+    """Prefix sharing (one cached pass over each rollout, then only documents + answer per counterfactual)
+    gives the information gains of re-running every counterfactual context in full, on a real policy."""
+    from flax import nnx
+
+    from trainers.tasks.search_agent import SearchAgentTask
+
+    tok = word_tokenizer(TEXTS + ["where velmoria"])
+    gains = {}
+    for share in (True, False):
+        task = SearchAgentTask(load_test_config("configs/search_agent.py:ig_tiny", "agent.context=64",
+                                                "agent.turn_tokens=8", "agent.max_turns=1", "agent.k=1",
+                                                "agent.doc_tokens=12", f"ig.share_prefix={share}", "ig.max_golds=2"))
+        task.__dict__["tokenizer"] = tok
+        env, eps = _episodes(tok)
+        task.__dict__["env"] = env
+        out = {**env.layout(eps, 72), **task.counterfactuals(eps, [("Lunaro", "city"), ("Velmoria",)], step=0)}
+        with nnx.use_eager_sharding(False):
+            model = task.build_model(nnx.Rngs(0))
+        gains[share] = np.asarray(jax.jit(task.information_gains, static_argnums=0)(
+            model, {k: jnp.asarray(v) for k, v in out.items()}))
+        if share:   # only what follows the prefix: the documents, the lead, the answer
+            m = out["ig_valid"][0].sum(1).argmax()
+            ids = out["ig_tokens"][0, m][out["ig_valid"][0, m]]
+            assert tok.decode(ids).startswith("<documents>") and out["ig_start"][0, m] == eps[0].documents[0][0]
+            assert out["ig_tokens"].shape[2] == env.documents_tokens + len(tok.encode("\n<answer> ")) + 8
+    assert gains[True].shape == (2, 1) and np.all(gains[True] != 0)
+    np.testing.assert_allclose(gains[True], gains[False], atol=1e-5)
 
 
 def test_sd_search_teacher_sees_the_hindsight_block_and_aligns_query_positions():
@@ -158,6 +188,31 @@ def test_kv_cached_sampler_matches_the_teacher_forced_policy():
         cur, cur_valid = jnp.concatenate([cur, nxt], 1), jnp.concatenate([cur_valid, jnp.ones_like(nxt, bool)], 1)
     np.testing.assert_array_equal(np.asarray(greedy[0]), np.asarray(cur[0, 5:]))
     assert (np.asarray(greedy[1]) == 0).all()                                       # an inactive row writes nothing
+
+
+def test_continuation_logprobs_equal_the_concatenated_sequences():
+    """Continuations scored from one cached prefill of each row equal teacher-forced passes over each
+    prefix + continuation (padding in both, prefixes of several lengths)."""
+    from models import policy
+
+    cfg, model = _tiny_policy(tied=True)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 50, (2, 9)).astype(np.int32)
+    valid = np.arange(9)[None] < np.array([[9], [6]])
+    start = np.array([[9, 4, 1], [6, 3, 5]], np.int32)
+    suffix = rng.integers(3, 50, (2, 3, 5)).astype(np.int32)
+    suffix_valid = np.arange(5)[None, None] < np.array([[5, 3, 4], [2, 5, 5]])[..., None]
+    got = jax.jit(lambda *a: policy.continuation_logprobs(model, cfg, *a))(tokens, valid, start, suffix, suffix_valid)
+    full = jax.jit(policy.token_logprobs, static_argnums=0)
+    for b in range(2):
+        for m in range(3):
+            head = tokens[b, :start[b, m]][valid[b, :start[b, m]]]
+            n = int(suffix_valid[b, m].sum())
+            seq = np.zeros((1, 14), np.int32)                               # right-padded: one compilation
+            seq[0, :len(head) + n] = np.concatenate([head, suffix[b, m][suffix_valid[b, m]]])
+            want = np.asarray(full(model, jnp.asarray(seq), jnp.asarray(seq != 0)))[0, len(head):len(head) + n]
+            np.testing.assert_allclose(np.asarray(got[b, m, 1:n]), want[1:], atol=1e-5)
+            assert np.all(np.asarray(got[b, m, n:]) == 0) and got[b, m, 0] == 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

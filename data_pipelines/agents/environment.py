@@ -63,6 +63,11 @@ class SearchEnvironment:
             ids += self.tok.encode(DOCUMENT.format(i=i + 1, title=p["title"], text=p["text"]))[:self.doc_tokens]
         return ids + self.tok.encode(" </documents> ")
 
+    @property
+    def documents_tokens(self) -> int:
+        """The longest ``documents`` block: the tags and ``k`` passages of ``doc_tokens``."""
+        return len(self.tok.encode(" <documents> ")) + self.k * self.doc_tokens + len(self.tok.encode(" </documents> "))
+
     def absorb(self, episodes: list[Episode], generated: np.ndarray, logp: np.ndarray, *, last: bool) -> None:
         """Append each live rollout's new tokens (``generated, logp [B, G]``, cut after its stop token), then
         answer every closed ``<search>`` (unless ``last``) with its documents."""

@@ -45,20 +45,28 @@ def hindsight_inputs(episodes: list[Episode], texts: Sequence[str], correct: np.
 
 def counterfactual_inputs(episodes: list[Episode], golds: Sequence[Sequence[str]], tok: AgentTokenizer,
                           rng: np.random.Generator, *, steps: int, counterfactuals: int, max_golds: int,
-                          answer_tokens: int, length: int) -> dict[str, np.ndarray]:
+                          answer_tokens: int, length: int, suffix: int = 0) -> dict[str, np.ndarray]:
     """IG-Search's scoring inputs, per rollout: for each search step t (at most ``steps``), the rollout up to
     t's documents (the real context) and ``counterfactuals`` copies with them swapped for documents drawn from
     other rollouts of the batch, each followed by ``"\\n<answer> "`` and a gold answer (the first
     ``max_golds`` of ``golds [B]``, cut to ``answer_tokens``), truncated from the left to ``length``; a step
     whose documents hold under 10 characters is skipped. -> ``ig_tokens, ig_valid, ig_answer [B, M, length]``
-    (``ig_answer``: the answer's tokens) and ``ig_index [B, M, 3]``: (step, variant (0 real), gold), -1 unused."""
+    (``ig_answer``: the answer's tokens) and ``ig_index [B, M, 3]``: (step, variant (0 real), gold), -1 unused.
+
+    ``suffix`` > 0 lays the sequences out for prefix sharing (``policy.continuation_logprobs``) instead: each
+    holds only what follows the rollout's own tokens before step t's documents (documents, lead, answer: at
+    most ``suffix`` tokens, which must hold the longest documents block; no truncation) ->
+    ``ig_tokens, ig_valid, ig_answer [B, M, suffix]`` and ``ig_start [B, M]``, the prefix's length."""
     B, M = len(episodes), steps * (1 + counterfactuals) * max_golds
+    width = suffix or length
     text = lambda ids: tok.decode(ids).replace("<documents>", "").replace("</documents>", "").strip()  # noqa: E731
     blocks = [[e.tokens[a:b] if len(text(e.tokens[a:b])) >= 10 else None for a, b in e.documents[:steps]]
               for e in episodes]
     lead = tok.encode("\n<answer> ")
-    out = {"ig_tokens": np.full((B, M, length), tok.pad_id, np.int32), "ig_valid": np.zeros((B, M, length), bool),
-           "ig_answer": np.zeros((B, M, length), np.float32), "ig_index": np.full((B, M, 3), -1, np.int32)}
+    out = {"ig_tokens": np.full((B, M, width), tok.pad_id, np.int32), "ig_valid": np.zeros((B, M, width), bool),
+           "ig_answer": np.zeros((B, M, width), np.float32), "ig_index": np.full((B, M, 3), -1, np.int32)}
+    if suffix:
+        out["ig_start"] = np.zeros((B, M), np.int32)
     for i, e in enumerate(episodes):
         others = [block for j, row in enumerate(blocks) if j != i for block in row if block is not None]
         m = 0
@@ -69,7 +77,14 @@ def counterfactual_inputs(episodes: list[Episode], golds: Sequence[Sequence[str]
             for v, docs in enumerate([own, *(others[k] for k in draws)]):
                 for g, gold in enumerate(golds[i][:max_golds]):
                     answer = tok.encode(" " + gold)[:answer_tokens]
-                    ids = (e.tokens[:a] + docs + lead)[-(length - len(answer)):] + answer
+                    if suffix:
+                        ids = docs + lead + answer
+                        if len(ids) > suffix:
+                            raise ValueError(f"rollout {i}, step {t}: documents + answer are {len(ids)} tokens, "
+                                             f"the suffix {suffix}")
+                        out["ig_start"][i, m] = a
+                    else:
+                        ids = (e.tokens[:a] + docs + lead)[-(length - len(answer)):] + answer
                     out["ig_tokens"][i, m, :len(ids)], out["ig_valid"][i, m, :len(ids)] = ids, True
                     out["ig_answer"][i, m, len(ids) - len(answer):len(ids)] = 1.0
                     out["ig_index"][i, m] = t, v, g

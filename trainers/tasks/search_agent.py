@@ -236,24 +236,35 @@ class SearchAgentTask(_SearchAgentBase):
         return out
 
     def counterfactuals(self, episodes: list[Episode], golds: list, step: int) -> dict[str, np.ndarray]:
-        """IG-Search's scoring inputs (``teachers.counterfactual_inputs``), drawn with a (seed, step) rng."""
+        """IG-Search's scoring inputs (``teachers.counterfactual_inputs``), drawn with a (seed, step) rng; with
+        ``ig.share_prefix`` only the part after the rollout's own prefix (documents, lead, answer)."""
         c = self.config
+        suffix = (self.env.documents_tokens + len(self.tokenizer.encode("\n<answer> ")) + c.ig.answer_tokens
+                  if c.ig.share_prefix else 0)
         return counterfactual_inputs(episodes, golds, self.tokenizer, np.random.default_rng([c.seed, step]),
                                      steps=c.agent.max_turns, counterfactuals=c.ig.counterfactuals,
                                      max_golds=c.ig.max_golds, answer_tokens=c.ig.answer_tokens,
-                                     length=c.agent.context + c.agent.turn_tokens + c.ig.answer_tokens)
+                                     length=c.agent.context + c.agent.turn_tokens + c.ig.answer_tokens,
+                                     suffix=suffix)
 
     def information_gains(self, model: nnx.Module, batch: Batch) -> jax.Array:
         """``IG [B, S]`` under the current policy, which in the first update is the rollout-time pi_old: each
-        sequence's ``answer_score``, then ``step_gains``."""
+        sequence's ``answer_score``, then ``step_gains``. Shared prefixes (``ig_start`` in the batch) are
+        scored from one cached pass over the rollout (``policy.continuation_logprobs``)."""
         ig = self.config.ig
+        if "ig_start" in batch:
+            logp = policy.continuation_logprobs(model, self.policy_config, batch["tokens"], batch["valid"],
+                                                batch["ig_start"], batch["ig_tokens"], batch["ig_valid"])
+            B, M, S = logp.shape
+            scores = answer_score(logp.reshape(B * M, S), batch["ig_answer"].reshape(B * M, S), ig.first_tokens,
+                                  ig.first_weight).reshape(B, M)
+        else:
+            def row_scores(row):
+                tokens, valid, answer = row
+                logp = policy.token_logprobs(model, tokens, valid)                      # [M, L]
+                return answer_score(logp, answer, ig.first_tokens, ig.first_weight)    # [M]
 
-        def row_scores(row):
-            tokens, valid, answer = row
-            logp = policy.token_logprobs(model, tokens, valid)                      # [M, L]
-            return answer_score(logp, answer, ig.first_tokens, ig.first_weight)    # [M]
-
-        scores = jax.lax.map(row_scores, (batch["ig_tokens"], batch["ig_valid"], batch["ig_answer"]))
+            scores = jax.lax.map(row_scores, (batch["ig_tokens"], batch["ig_valid"], batch["ig_answer"]))
         return step_gains(jax.lax.stop_gradient(scores), batch["ig_index"], steps=self.config.agent.max_turns,
                           variants=1 + ig.counterfactuals, golds=ig.max_golds)
 
