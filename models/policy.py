@@ -183,15 +183,18 @@ def sample(model: nnx.Module, cfg, context: jax.Array, valid: jax.Array, rng: ja
            temperature: float, stop_ids: tuple[int, ...], pad_id: int, active: jax.Array | None = None
            ) -> tuple[jax.Array, jax.Array]:
     """Continue each left-padded ``context [B, C]`` (``valid [B, C]``) by up to ``steps`` tokens with a KV
-    cache: prefill once, then one token per step (``temperature`` 0: greedy). A row stops after emitting a
-    ``stop_ids`` token (rows not ``active [B]`` emit nothing); later slots are ``pad_id`` with log-prob 0.
+    cache: prefill all but the last token, then one token per step from it (``temperature`` 0: greedy). A row
+    stops after emitting a ``stop_ids`` token (rows not ``active [B]`` emit nothing); later slots are ``pad_id``
+    with log-prob 0.
     -> ``tokens [B, G], logp [B, G]``
     (log-probs under ``softmax(logits / temperature)``, 0 when greedy)."""
     B, C = context.shape
     size = C + steps
     cache = _cache(cfg, B, size, jnp.asarray(0.0, cfg.dtype).dtype)
-    pos = positions_of(valid)
-    logits, cache = model(context, pos, cache, causal_mask(valid, size))
+    pos, mask = positions_of(valid), causal_mask(valid, size)
+    if C > 1:   # the prefill's logits are never used (XLA drops them): [B, C, V] f32 is 100 GB at Qwen2.5's vocab
+        _, cache = model(context[:, :-1], pos[:, :-1], cache, mask[:, :-1])
+    logits, cache = model(context[:, -1:], pos[:, -1:], cache, mask[:, -1:])
     stops = jnp.asarray(stop_ids, jnp.int32)
     seen = jnp.pad(valid.astype(bool), ((0, 0), (0, steps)))                     # [B, size] attendable slots
 

@@ -315,9 +315,10 @@ def test_ig_search_grpo_resumes_bitwise_after_kill_9(world, tmp_path):
     assert _metrics(tmp_path / "killed") == expected     # exact float equality, every metric of every step
 
 
-def test_qwen3b_search_r1_rollout_lowers_on_cpu(tmp_path):
-    """Search-R1's Qwen2.5-3B policy: the turn-1 rollout (4096-token prefill, 500 KV-cached sampling steps)
-    at 512 questions x 5 lowers with its shardings, on 8 fake devices, without memory."""
+def test_qwen3b_search_r1_rollout_compiles_on_cpu_within_memory(tmp_path):
+    """Search-R1's Qwen2.5-3B policy: the turn-1 rollout (4096-token prefill, 500 KV-cached sampling steps) of
+    8 questions x 5 compiles with its shardings on 8 fake devices, without memory, and fits a device."""
+    from launch.bench import memory_report
     from trainers.loop import Trainer
 
     config = load_test_config("configs/search_agent.py:qwen3b", "mesh.fsdp=4", "mesh.tensor=2",
@@ -339,3 +340,10 @@ def test_qwen3b_search_r1_rollout_lowers_on_cpu(tmp_path):
     per_device = sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
     assert 16 * 3.0e9 < whole < 16 * 3.2e9
     assert per_device < whole / 8 * 1.02, (per_device, whole)
+
+    # compiled memory of the rollout per device (CPU's estimate: its compiler runs bf16 matmuls in f32): 16.6 GB,
+    # 5.6 of them the prefill's attention scores [10, 8, 4095, 4596] f32; the prefill's [B, C, V] f32 logits
+    # (never used) held 95 GB until the sampler stopped computing them
+    report = memory_report(lowered.compile())
+    assert report["argument_bytes"] < 1.6e9                         # the f32 parameters split 8 ways
+    assert report["total_bytes"] < 24 * 2 ** 30, report
