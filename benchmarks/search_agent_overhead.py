@@ -18,6 +18,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -59,6 +60,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         for name, (spec, *sets) in VARIANTS.items():
             workdir = out / f"{spec}_{'_'.join(sets) or 'default'}_r{repeat}"
+            shutil.rmtree(workdir, ignore_errors=True)   # a finished run would resume, not be timed again
             run_or_exit(train, agent_config(spec, out, f"train.steps={args.steps}", f"train.batch_size={args.batch}",
                                 "eval.questions=8", f"init_from.policy.path={out / 'sft'}",
                                 *sets, *size), workdir)

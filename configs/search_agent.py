@@ -76,8 +76,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.ig = ml_collections.ConfigDict({"counterfactuals": 3, "max_golds": 1 if tiny else 3,
                                       "answer_tokens": 8 if tiny else 32, "first_tokens": 3, "first_weight": 3.0,
                                       "alpha": 0.5, "dead_zone": 0.0, "negative_scale": 0.5,
-                                      # score the counterfactuals from one cached pass over the rollout (equal
-                                      # to re-running each context in full when none is cut to 4096 tokens)
+                                      # score the counterfactuals from one cached pass over the rollout (equal to
+                                      # re-running each context in full, cut to context + turn + answer tokens)
                                       "share_prefix": True})
 
     c.train.steps = 20 if tiny else 1005

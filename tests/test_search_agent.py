@@ -103,7 +103,8 @@ def test_ig_search_swaps_documents_and_scores_the_gain(monkeypatch):
 
 def test_ig_search_shared_prefix_scores_equal_full_contexts():
     """Prefix sharing (one cached pass over each rollout, then only documents + answer per counterfactual)
-    gives the information gains of re-running every counterfactual context in full, on a real policy."""
+    gives the information gains of re-running every counterfactual context in full, on a randomly
+    initialised policy, at two search steps (the second step's prefix holds the first step's documents)."""
     from flax import nnx
 
     from trainers.tasks.search_agent import SearchAgentTask
@@ -112,10 +113,18 @@ def test_ig_search_shared_prefix_scores_equal_full_contexts():
     gains = {}
     for share in (True, False):
         task = SearchAgentTask(load_test_config("configs/search_agent.py:ig_tiny", "agent.context=64",
-                                                "agent.turn_tokens=8", "agent.max_turns=1", "agent.k=1",
+                                                "agent.turn_tokens=8", "agent.max_turns=2", "agent.k=1",
                                                 "agent.doc_tokens=12", f"ig.share_prefix={share}", "ig.max_golds=2"))
         task.__dict__["tokenizer"] = tok
-        env, eps = _episodes(tok)
+        docs = {"zorvik": "Zorvik is headquartered in Lunaro .", "lunaro": "Lunaro is a city in Velmoria .",
+                "velmoria": "Velmoria is a city .", "company": "Zorvik is a company ."}
+        env = SearchEnvironment(tok, lambda qs: [[{"title": q, "text": docs[q]}] for q in qs], k=1, max_turns=2,
+                                context=64, doc_tokens=12)
+        eps = env.start([tok.encode("where is zorvik ?")] * 2)
+        for queries in (("zorvik", "lunaro"), ("velmoria", "company")):   # four distinct documents blocks
+            rows = [tok.encode(f"<search> {q} </search>") for q in queries]
+            env.absorb(eps, np.array(rows), np.zeros((2, 3)), last=False)
+        assert [len(e.documents) for e in eps] == [2, 2]
         task.__dict__["env"] = env
         out = {**env.layout(eps, 72), **task.counterfactuals(eps, [("Lunaro", "city"), ("Velmoria",)], step=0)}
         with nnx.use_eager_sharding(False):
@@ -123,11 +132,13 @@ def test_ig_search_shared_prefix_scores_equal_full_contexts():
         gains[share] = np.asarray(jax.jit(task.information_gains, static_argnums=0)(
             model, {k: jnp.asarray(v) for k, v in out.items()}))
         if share:   # only what follows the prefix: the documents, the lead, the answer
-            m = out["ig_valid"][0].sum(1).argmax()
-            ids = out["ig_tokens"][0, m][out["ig_valid"][0, m]]
-            assert tok.decode(ids).startswith("<documents>") and out["ig_start"][0, m] == eps[0].documents[0][0]
+            for m, (t, v, g) in enumerate(out["ig_index"][0]):
+                if t >= 0:
+                    ids = out["ig_tokens"][0, m][out["ig_valid"][0, m]]
+                    assert tok.decode(ids).startswith("<documents>")
+                    assert out["ig_start"][0, m] == eps[0].documents[t][0]
             assert out["ig_tokens"].shape[2] == env.documents_tokens + len(tok.encode("\n<answer> ")) + 8
-    assert gains[True].shape == (2, 1) and np.all(gains[True] != 0)
+    assert gains[True].shape == (2, 2) and np.all(gains[True] != 0)
     np.testing.assert_allclose(gains[True], gains[False], atol=1e-5)
 
 
@@ -199,7 +210,7 @@ def test_continuation_logprobs_equal_the_concatenated_sequences():
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, 50, (2, 9)).astype(np.int32)
     valid = np.arange(9)[None] < np.array([[9], [6]])
-    start = np.array([[9, 4, 1], [6, 3, 5]], np.int32)
+    start = np.array([[9, 4, 1], [8, 3, 5]], np.int32)              # row 1: a start past its valid tokens
     suffix = rng.integers(3, 50, (2, 3, 5)).astype(np.int32)
     suffix_valid = np.arange(5)[None, None] < np.array([[5, 3, 4], [2, 5, 5]])[..., None]
     got = jax.jit(lambda *a: policy.continuation_logprobs(model, cfg, *a))(tokens, valid, start, suffix, suffix_valid)
@@ -345,5 +356,5 @@ def test_qwen3b_search_r1_rollout_compiles_on_cpu_within_memory(tmp_path):
     # 5.6 of them the prefill's attention scores [10, 8, 4095, 4596] f32; the prefill's [B, C, V] f32 logits
     # (never used) held 95 GB until the sampler stopped computing them
     report = memory_report(lowered.compile())
-    assert report["argument_bytes"] < 1.6e9                         # the f32 parameters split 8 ways
+    assert report is not None and report["argument_bytes"] < 1.6e9                         # the f32 parameters split 8 ways
     assert report["total_bytes"] < 24 * 2 ** 30, report
