@@ -153,7 +153,7 @@ def continuation_logprobs(model: nnx.Module, cfg, tokens: jax.Array, valid: jax.
     B, L = tokens.shape
     M, S = suffix.shape[1:]
     size = L + S
-    _, cache = model(tokens, positions_of(valid), _cache(cfg, B, size, jnp.asarray(0.0, cfg.dtype).dtype),
+    _, cache = model(tokens, positions_of(valid), _cache(cfg, B, size),
                      causal_mask(valid, size))
     own = jnp.tril(jnp.ones((S, S), bool))
 
@@ -173,8 +173,8 @@ def continuation_logprobs(model: nnx.Module, cfg, tokens: jax.Array, valid: jax.
     return jax.lax.map(row, (kv, valid, start, suffix, suffix_valid))
 
 
-def _cache(cfg, batch: int, size: int, dtype) -> dict:
-    shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
+def _cache(cfg, batch: int, size: int) -> dict:
+    shape, dtype = (batch, size, cfg.num_kv_heads, cfg.head_dim), jnp.asarray(0.0, cfg.dtype).dtype
     return {f"layer_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
                            "end_index": jnp.zeros((batch,), jnp.int32)} for i in range(cfg.num_layers)}
 
@@ -190,7 +190,7 @@ def sample(model: nnx.Module, cfg, context: jax.Array, valid: jax.Array, rng: ja
     (log-probs under ``softmax(logits / temperature)``, 0 when greedy)."""
     B, C = context.shape
     size = C + steps
-    cache = _cache(cfg, B, size, jnp.asarray(0.0, cfg.dtype).dtype)
+    cache = _cache(cfg, B, size)
     pos, mask = positions_of(valid), causal_mask(valid, size)
     if C > 1:   # the prefill's logits are never used (XLA drops them): [B, C, V] f32 is 100 GB at Qwen2.5's vocab
         _, cache = model(context[:, :-1], pos[:, :-1], cache, mask[:, :-1])

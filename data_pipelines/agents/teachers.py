@@ -45,7 +45,7 @@ def hindsight_inputs(episodes: list[Episode], texts: Sequence[str], correct: np.
 
 def counterfactual_inputs(episodes: list[Episode], golds: Sequence[Sequence[str]], tok: AgentTokenizer,
                           rng: np.random.Generator, *, steps: int, counterfactuals: int, max_golds: int,
-                          answer_tokens: int, length: int, suffix: int = 0) -> dict[str, np.ndarray]:
+                          answer_tokens: int, length: int, documents_tokens: int = 0) -> dict[str, np.ndarray]:
     """IG-Search's scoring inputs, per rollout: for each search step t (at most ``steps``), the rollout up to
     t's documents (the real context) and ``counterfactuals`` copies with them swapped for documents drawn from
     other rollouts of the batch, each followed by ``"\\n<answer> "`` and a gold answer (the first
@@ -53,16 +53,17 @@ def counterfactual_inputs(episodes: list[Episode], golds: Sequence[Sequence[str]
     whose documents hold under 10 characters is skipped. -> ``ig_tokens, ig_valid, ig_answer [B, M, length]``
     (``ig_answer``: the answer's tokens) and ``ig_index [B, M, 3]``: (step, variant (0 real), gold), -1 unused.
 
-    ``suffix`` > 0 lays the sequences out for prefix sharing (``policy.continuation_logprobs``) instead: each
-    holds only what follows the rollout's own tokens before step t's documents (documents, lead, answer: at
-    most ``suffix`` tokens, which must hold the longest documents block; no truncation) ->
-    ``ig_tokens, ig_valid, ig_answer [B, M, suffix]`` and ``ig_start [B, M]``, the prefix's length."""
+    ``documents_tokens`` > 0 (the longest documents block) lays the sequences out for prefix sharing
+    (``policy.continuation_logprobs``) instead: each holds only what follows the rollout's own tokens before step
+    t's documents (documents, lead, answer; no truncation) -> ``ig_tokens, ig_valid, ig_answer [B, M, S]``, S =
+    ``documents_tokens`` + lead + ``answer_tokens``, and ``ig_start [B, M]``, the prefix's length."""
     B, M = len(episodes), steps * (1 + counterfactuals) * max_golds
+    lead = tok.encode("\n<answer> ")
+    suffix = documents_tokens and documents_tokens + len(lead) + answer_tokens
     width = suffix or length
     text = lambda ids: tok.decode(ids).replace("<documents>", "").replace("</documents>", "").strip()  # noqa: E731
     blocks = [[e.tokens[a:b] if len(text(e.tokens[a:b])) >= 10 else None for a, b in e.documents[:steps]]
               for e in episodes]
-    lead = tok.encode("\n<answer> ")
     out = {"ig_tokens": np.full((B, M, width), tok.pad_id, np.int32), "ig_valid": np.zeros((B, M, width), bool),
            "ig_answer": np.zeros((B, M, width), np.float32), "ig_index": np.full((B, M, 3), -1, np.int32)}
     if suffix:

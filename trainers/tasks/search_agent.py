@@ -239,13 +239,11 @@ class SearchAgentTask(_SearchAgentBase):
         """IG-Search's scoring inputs (``teachers.counterfactual_inputs``), drawn with a (seed, step) rng; with
         ``ig.share_prefix`` only the part after the rollout's own prefix (documents, lead, answer)."""
         c = self.config
-        suffix = (self.env.documents_tokens + len(self.tokenizer.encode("\n<answer> ")) + c.ig.answer_tokens
-                  if c.ig.share_prefix else 0)
         return counterfactual_inputs(episodes, golds, self.tokenizer, np.random.default_rng([c.seed, step]),
                                      steps=c.agent.max_turns, counterfactuals=c.ig.counterfactuals,
                                      max_golds=c.ig.max_golds, answer_tokens=c.ig.answer_tokens,
                                      length=c.agent.context + c.agent.turn_tokens + c.ig.answer_tokens,
-                                     suffix=suffix)
+                                     documents_tokens=self.env.documents_tokens if c.ig.share_prefix else 0)
 
     def information_gains(self, model: nnx.Module, batch: Batch) -> jax.Array:
         """``IG [B, S]`` under the current policy, which in the first update is the rollout-time pi_old: each
