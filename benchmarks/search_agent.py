@@ -2,13 +2,17 @@
 SD-Search and IG-Search from it, at equal steps and seeds.
 
     python benchmarks/search_agent.py [--entities 200] [--questions 200] [--sft-steps 300] [--sft-stop-after N]
+                                      [--sft-target-em E --sft-check-every 60 --select-questions 300]
                                       [--layers 2 --width 64] [--rl-steps 50] [--rl-batch 4] [--rl-lr 3e-4]
                                       [--seeds 0,1,2] [--methods tiny,sd_tiny,ig_tiny] [--out runs/bench_agent]
                                       [--json rows.json]
 
 One world (``ecomax agents synth``, seed 0) and its BM25 index; one supervised warm start
 (``configs/search_agent.py:sft_tiny``); then each method for ``--rl-steps`` GRPO steps per seed from that
-warm start. Every row is the greedy policy on the test questions: EM, F1, searches per question and the
+warm start. With ``--sft-target-em`` the warm start stops at the first checkpoint from ``--sft-stop-after`` on
+(every ``--sft-check-every`` steps) whose greedy EM on ``--select-questions`` held-out test questions (those
+after the reported ones) reaches it: the warm start's step sits on a phase change whose timing moves with the
+CPU's last bits, its quality does not. Every row is the greedy policy on the test questions: EM, F1, searches per question and the
 fraction of well-formed rollouts, with the mean train step time (the SD-Search overhead is their ratio,
 measured in the same run; so is IG-Search's). Mean and spread over seeds; machine and load printed.
 """
@@ -61,6 +65,13 @@ def run_or_exit(train, config, workdir: pathlib.Path):
     return result
 
 
+def record(rows: list[dict], path: str) -> None:
+    """Prints the newest row and rewrites ``path`` (if given) with all of them, so a cut run keeps its rows."""
+    print(json.dumps(rows[-1]), flush=True)
+    if path:
+        pathlib.Path(path).write_text(json.dumps(rows, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--entities", type=int, default=200)
@@ -68,6 +79,11 @@ def main() -> None:
     p.add_argument("--sft-steps", type=int, default=300)
     p.add_argument("--sft-stop-after", type=int, default=0,
                    help="stop the warm start here (its cosine schedule still spans --sft-steps)")
+    p.add_argument("--sft-target-em", type=float, default=0.0,
+                   help="stop the warm start at the first checkpoint whose held-out EM reaches this (0: off)")
+    p.add_argument("--sft-check-every", type=int, default=60, help="steps between the held-out checks")
+    p.add_argument("--select-questions", type=int, default=300,
+                   help="held-out test questions for the checks (after the --eval-questions reported ones)")
     p.add_argument("--layers", type=int, default=2, help="policy layers (configs/search_agent.py:tiny has 2)")
     p.add_argument("--width", type=int, default=64, help="policy width; heads of 32 from 128 up, MLP 4x")
     p.add_argument("--rl-steps", type=int, default=50)
@@ -92,18 +108,28 @@ def main() -> None:
     evals = f"eval.questions={args.eval_questions}"
     size = policy_size(args.layers, args.width)
     t0 = time.time()
-    stop = (f"train.stop_after={args.sft_stop_after}",) if args.sft_stop_after else ()
-    run_or_exit(train, agent_config("sft_tiny", out, f"train.steps={args.sft_steps}", "train.eval_every=0", evals,
-                                    *size, *stop), out / "sft")
     warm = f"init_from.policy.path={out / 'sft'}"
+    stop = args.sft_stop_after or args.sft_steps
+    while True:
+        run_or_exit(train, agent_config("sft_tiny", out, f"train.steps={args.sft_steps}", "train.eval_every=0", evals,
+                                        *size, f"train.stop_after={stop}"), out / "sft")
+        if not args.sft_target_em:
+            break
+        check = run_or_exit(train, agent_config("tiny", out, "train.steps=1", "optimizer.learning_rate=0.0", warm,
+                                                f"eval.questions={args.select_questions}",
+                                                f"eval.offset={args.eval_questions}", *size), out / f"select_{stop}")
+        print(f"# warm start at step {stop}: held-out EM {check.eval_metrics['em']:.3f}", flush=True)
+        if check.eval_metrics["em"] >= args.sft_target_em or stop >= args.sft_steps:
+            break
+        stop = min(stop + args.sft_check_every, args.sft_steps)
     # the warm start evaluated by the RL task itself (one step at learning rate 0: the parameters unchanged)
     start = run_or_exit(train, agent_config("tiny", out, "train.steps=1", "optimizer.learning_rate=0.0", evals, warm,
                                             *size), out / "warm_start_eval")
-    rows = [{"method": "warm start (SFT on oracle rollouts)", "seed": 0, **start.eval_metrics,
+    rows = [{"method": "warm start (SFT on oracle rollouts)", "seed": 0, "sft_step": stop, **start.eval_metrics,
              "step_s": step_time(out / "sft"), "wall_s": time.time() - t0}]
-    print(json.dumps(rows[-1]), flush=True)
-    for method in args.methods.split(","):
-        for seed in map(int, args.seeds.split(",")):
+    record(rows, args.json)
+    for seed in map(int, args.seeds.split(",")):     # seed-major: an interrupted benchmark leaves whole seeds
+        for method in args.methods.split(","):
             t0 = time.time()
             workdir = out / f"{method}_seed{seed}"
             r = run_or_exit(train, agent_config(method, out, f"seed={seed}", f"train.steps={args.rl_steps}", evals,
@@ -111,7 +137,7 @@ def main() -> None:
                                                 f"optimizer.learning_rate={args.rl_lr}", warm, *size), workdir)
             rows.append({"method": NAMES[method], "seed": seed, **r.eval_metrics, "step_s": step_time(workdir),
                          "wall_s": time.time() - t0})
-            print(json.dumps(rows[-1]), flush=True)
+            record(rows, args.json)
     print(f"\n| method | seeds | {' | '.join(SHOWN)} | train step (s) |\n|---|---|{'---|' * len(SHOWN)}---|")
     import numpy as np
 
@@ -121,8 +147,6 @@ def main() -> None:
         cells = [f"{np.mean(v):.3f} ± {np.std(v):.3f}" for v in values.values()]
         print(f"| {name} | {len(mine)} | {' | '.join(cells)} | {np.mean([r['step_s'] for r in mine]):.2f} |")
     print(f"# load at the end {os.getloadavg()[0]:.2f}")
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optimizer.schedule = "constant"
     c.optimizer.weight_decay = 0.0 if tiny else 0.01
     c.eval.questions = 8 if tiny else 512
+    c.eval.offset = 0                 # the first test question evaluated (a slice held out for selection)
     c.eval.batch_size = 8 if tiny else 64
     if name == "smollm2":
         c.model.hf_dir = "runs/smollm2"

@@ -282,6 +282,27 @@ def _train(config, workdir):
     return Trainer.create(config, workdir, devices=jax.devices()[:1]).run()  # one device: tiny shapes, 2 cores
 
 
+def test_evaluation_grades_the_slice_from_eval_offset(world):
+    """``eval.offset`` evaluates a held-out slice of the test questions (the benchmark selects its warm start on
+    one): an oracle that answers question ``offset + i`` in row ``i`` scores EM 1 only when grading is aligned."""
+    from trainers.tasks.search_agent import SearchAgentTask
+
+    task = SearchAgentTask(_config("tiny", world, "eval.questions=3", "eval.offset=5"))
+    golds = [q.golden_answers[0] for q in read_qa(world / "world" / "test.jsonl")]
+
+    class Oracle:
+        def apply(self, fn, context, valid, active, batch_size=None):
+            rows = [task.tokenizer.encode(f" <answer> {golds[5 + i]} </answer>") for i in range(len(context))]
+            out = np.full((len(rows), max(map(len, rows))), task.tokenizer.pad_id, np.int32)
+            for i, r in enumerate(rows):
+                out[i, :len(r)] = r
+            return out, np.zeros(out.shape, np.float32)
+
+    metrics = task.evaluate(Oracle())
+    assert metrics["em"] == 1.0 and metrics["searches"] == 0
+    assert task._prompts("test", 3, 5)["prompt"].tolist() != task._prompts("test", 3)["prompt"].tolist()
+
+
 def test_sft_warm_start_then_sd_and_ig_search_grpo_steps(world, tmp_path):
     sft = _train(_config("sft_tiny", world, "train.steps=60", "train.batch_size=8", "train.log_every=10",
                          "optimizer.learning_rate=1e-2", "train.eval_every=0"),

@@ -87,8 +87,8 @@ class _SearchAgentBase(Task):
                              f"{self.config.agent.context - self.config.agent.turn_tokens}")
         return ids
 
-    def _prompts(self, split: str, limit: int = 0) -> dict[str, np.ndarray]:
-        qs = self.questions[split][:limit or None]
+    def _prompts(self, split: str, limit: int = 0, offset: int = 0) -> dict[str, np.ndarray]:
+        qs = self.questions[split][offset:offset + limit if limit else None]
         C, pad = self.config.agent.context, self.tokenizer.pad_id
         prompt, valid = np.full((len(qs), C), pad, np.int32), np.zeros((len(qs), C), bool)
         for i, q in enumerate(qs):
@@ -129,11 +129,12 @@ class _SearchAgentBase(Task):
     # --- evaluation -------------------------------------------------------------------------------------------
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
-        """Greedy rollouts on ``eval.questions`` test questions: EM, F1, searches per question, well-formed, and
-        EM per hop count (``em_hop1`` ...) where the questions carry one (the synthetic world's do)."""
+        """Greedy rollouts on ``eval.questions`` test questions from the ``eval.offset``-th: EM, F1, searches per
+        question, well-formed, and EM per hop count (``em_hop1`` ...) where the questions carry one (the synthetic
+        world's do)."""
         c = self.config
-        split = c.data.eval_split
-        prompts = self._prompts(split, c.eval.questions)
+        split, offset = c.data.eval_split, c.eval.offset
+        prompts = self._prompts(split, c.eval.questions, offset)
         env = self.env
         episodes = env.start([p[v] for p, v in zip(prompts["prompt"], prompts["prompt_valid"])])
         context, valid, active = prompts["prompt"], prompts["prompt_valid"], np.ones(len(episodes), bool)
@@ -143,7 +144,7 @@ class _SearchAgentBase(Task):
             context, valid, active = env.contexts(episodes)
             if not active.any():
                 break
-        qs = self.questions[split][:len(episodes)]
+        qs = self.questions[split][offset:offset + len(episodes)]
         _, grades = self.grade(episodes, [q.golden_answers for q in qs])
         hops = np.array([q.hops or 0 for q in qs])
         by_hop = {f"em_hop{h}": float(grades["em"][hops == h].mean()) for h in sorted(set(hops) - {0})}
