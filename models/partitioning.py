@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -117,6 +118,15 @@ def active_mesh() -> Mesh | None:
 def active() -> tuple[Mesh, Rules] | None:
     """``(mesh, rules)`` of the enclosing ``activation_rules``, or None in plain calls."""
     return _ACTIVE.get()
+
+
+def shards(name: str) -> int:
+    """How many ways the active rules split logical axis ``name`` (1 outside ``activation_rules``)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return 1
+    mesh, rules = active
+    return math.prod(mesh.shape[a] for a in rules.get(name, ()))
 
 
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import partitioning
+
 NEG = -1e9
 
 
@@ -139,38 +141,45 @@ def token_logprobs(model: nnx.Module, tokens: jax.Array, valid: jax.Array, tempe
 
 
 def continuation_logprobs(model: nnx.Module, cfg, tokens: jax.Array, valid: jax.Array, start: jax.Array,
-                          suffix: jax.Array, suffix_valid: jax.Array) -> jax.Array:
+                          suffix: jax.Array, suffix_valid: jax.Array, scored_from: int = 0) -> jax.Array:
     """Score ``M`` continuations of each row's prefix from one prefill: continuation m of row b is
     ``tokens[b, :start[b, m]]`` (its valid tokens) followed by ``suffix[b, m]``; -> ``[B, M, S]``, log p of
-    each suffix token given everything before it, as ``token_logprobs`` of the concatenation gives it (0 at
-    padding and at the suffix's first token, which is predicted from the prefix: score tokens after it).
-    ``tokens, valid [B, L]``, ``start [B, M]``, ``suffix, suffix_valid [B, M, S]``.
+    each suffix token after column ``scored_from`` given everything before it, as ``token_logprobs`` of the
+    concatenation gives it (0 at padding and up to that column, whose logits are never computed: IG-Search reads
+    only the answer's). ``tokens, valid [B, L]``, ``start [B, M]``, ``suffix, suffix_valid [B, M, S]``.
 
     The prefix's keys and values come from one cached pass over each whole row (a causal model's key at
     position j reads only tokens up to j), so a row costs one pass of L tokens plus ``M`` passes of ``S``
     instead of ``M`` of ``L + S``: IG-Search's counterfactual contexts share everything before a step's
-    documents."""
+    documents. Rows run one from each batch shard at a time (a ``lax.map`` over the rows a device holds, never
+    across devices: no cache leaves its device, and a device holds one row's prefill and caches at a time)."""
     B, L = tokens.shape
     M, S = suffix.shape[1:]
-    size = L + S
-    _, cache = model(tokens, positions_of(valid), _cache(cfg, B, size),
-                     causal_mask(valid, size))
+    size, D = L + S, scored_from
     own = jnp.tril(jnp.ones((S, S), bool))
+    R = partitioning.shards("batch")
+    R = R if B % R == 0 else 1
 
-    def row(args):
-        kv, row_valid, row_start, suf, suf_valid = args
-        prefix = row_valid[None, :] & (jnp.arange(L)[None, :] < row_start[:, None])          # [M, L]
-        mask = jnp.concatenate([jnp.broadcast_to(prefix[:, None, :], (M, S, L)),
-                                suf_valid[:, None, :] & own[None]], axis=-1)                  # [M, S, L + S]
-        pos = jnp.sum(prefix, -1, keepdims=True) + jnp.cumsum(suf_valid, -1) - 1
-        tiled = {name: {"k": jnp.broadcast_to(c["k"], (M, *c["k"].shape)),
-                        "v": jnp.broadcast_to(c["v"], (M, *c["v"].shape)),
-                        "end_index": jnp.full((M,), L, jnp.int32)} for name, c in kv.items()}
-        logits, _ = model(suf, jnp.maximum(pos, 0), tiled, mask)
-        return picked_logprobs(logits, suf, suf_valid)
+    def block(args):   # R rows, one from each batch shard
+        row_tokens, row_valid, row_start, suf, suf_valid = args
+        _, cache = model(row_tokens, positions_of(row_valid), _cache(cfg, R, size), causal_mask(row_valid, size))
+        prefix = row_valid[:, None, :] & (jnp.arange(L) < row_start[..., None])               # [R, M, L]
+        mask = jnp.concatenate([jnp.broadcast_to(prefix[:, :, None, :], (R, M, S, L)),
+                                suf_valid[:, :, None, :] & own], axis=-1)                      # [R, M, S, L + S]
+        pos = jnp.maximum(jnp.sum(prefix, -1, keepdims=True) + jnp.cumsum(suf_valid, -1) - 1, 0)
+        flat = lambda x: x.reshape(R * M, *x.shape[2:])                                           # noqa: E731
+        tile = lambda x: flat(jnp.broadcast_to(x[:, None], (R, M, *x.shape[1:])))                # noqa: E731
+        tiled = {name: {"k": tile(c["k"]), "v": tile(c["v"]), "end_index": jnp.full((R * M,), L, jnp.int32)}
+                 for name, c in cache.items()}
+        if D:   # the unscored columns only extend the cache (their logits are dropped unused)
+            _, tiled = model(flat(suf[..., :D]), flat(pos[..., :D]), tiled, flat(mask[..., :D, :]))
+        logits, _ = model(flat(suf[..., D:]), flat(pos[..., D:]), tiled, flat(mask[..., D:, :]))
+        scored = picked_logprobs(logits, flat(suf[..., D:]), flat(suf_valid[..., D:]))
+        return jnp.pad(scored.reshape(R, M, S - D), ((0, 0), (0, 0), (D, 0)))
 
-    kv = {name: {"k": c["k"], "v": c["v"]} for name, c in cache.items()}
-    return jax.lax.map(row, (kv, valid, start, suffix, suffix_valid))
+    blocks = lambda x: jnp.swapaxes(x.reshape(R, B // R, *x.shape[1:]), 0, 1)                   # noqa: E731
+    out = jax.lax.map(block, jax.tree.map(blocks, (tokens, valid, start, suffix, suffix_valid)))  # [B/R, R, M, S]
+    return jnp.swapaxes(out, 0, 1).reshape(B, M, S)
 
 
 def _cache(cfg, batch: int, size: int) -> dict:

@@ -224,6 +224,39 @@ def test_continuation_logprobs_equal_the_concatenated_sequences():
             want = np.asarray(full(model, jnp.asarray(seq), jnp.asarray(seq != 0)))[0, len(head):len(head) + n]
             np.testing.assert_allclose(np.asarray(got[b, m, 1:n]), want[1:], atol=1e-5)
             assert np.all(np.asarray(got[b, m, n:]) == 0) and got[b, m, 0] == 0
+    # columns up to scored_from only extend the cache: the rest score as before
+    late = jax.jit(lambda *a: policy.continuation_logprobs(model, cfg, *a, scored_from=2))(
+        tokens, valid, start, suffix, suffix_valid)
+    np.testing.assert_allclose(np.asarray(late[..., 3:]), np.asarray(got[..., 3:]), atol=1e-5)
+    assert np.all(np.asarray(late[..., :3]) == 0)
+
+
+def test_continuation_logprobs_keep_each_cache_on_its_device():
+    """On 8 devices with the batch split 8 ways, the continuations map over the rows each device holds (one
+    row a shard a step): the compiled program gathers nothing and scores what one device does."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from models import partitioning, policy
+    from trainers.mesh import BATCH_AXES
+
+    cfg, model = _tiny_policy(tied=True)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1), BATCH_AXES)
+    rng = np.random.default_rng(0)
+    B, L, M, S = 16, 20, 3, 6
+    arrays = (rng.integers(3, 50, (B, L)).astype(np.int32), np.ones((B, L), bool),
+              rng.integers(2, L, (B, M)).astype(np.int32), rng.integers(3, 50, (B, M, S)).astype(np.int32),
+              np.ones((B, M, S), bool))
+    sharded = [jax.device_put(a, NamedSharding(mesh, P(BATCH_AXES))) for a in arrays]
+
+    def scores(*a):
+        with partitioning.activation_rules(mesh, {"batch": BATCH_AXES}):
+            assert partitioning.shards("batch") == 8
+            return policy.continuation_logprobs(model, cfg, *a, scored_from=2)
+
+    compiled = jax.jit(scores).lower(*sharded).compile()
+    assert "all-gather" not in compiled.as_text()
+    one = jax.jit(lambda *a: policy.continuation_logprobs(model, cfg, *a, scored_from=2))(*arrays)
+    np.testing.assert_allclose(np.asarray(compiled(*sharded)), np.asarray(one), atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -367,7 +400,8 @@ def test_qwen3b_search_r1_rollout_compiles_on_cpu_within_memory(tmp_path):
     # memory: the train state (f32 parameters, the frozen reference, Adam's two moments: 16 B a parameter) is
     # split 8 ways by the rules, not replicated (the k/v projections of the 2 kv heads over fsdp only): 6.25 GB
     # a device of the 49 GB
-    leaves = [x for x in jax.tree.leaves(trainer.abstract_state(trainer.compiled_step())) if x.sharding is not None]
+    state = trainer.abstract_state(trainer.compiled_step())
+    leaves = [x for x in jax.tree.leaves(state) if x.sharding is not None]
     whole = sum(x.size * x.dtype.itemsize for x in leaves)
     per_device = sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
     assert 16 * 3.0e9 < whole < 16 * 3.2e9
@@ -379,3 +413,31 @@ def test_qwen3b_search_r1_rollout_compiles_on_cpu_within_memory(tmp_path):
     report = memory_report(lowered.compile())
     assert report is not None and report["argument_bytes"] < 1.6e9                         # the f32 parameters split 8 ways
     assert report["total_bytes"] < 24 * 2 ** 30, report
+
+    # IG-Search's scoring of those 40 rollouts (4 steps x 4 variants x 3 golds = 48 continuations each, the
+    # documents + answer suffix of 518 tokens): 13.2 GB a device, one row of each batch shard at a time; the
+    # map over all rows with every prefill at once and every suffix position's logits compiled to 33.8 GB
+    from flax import nnx
+
+    from models import partitioning, policy
+    from trainers.mesh import BATCH_AXES, batch_sharding
+
+    a, ig, task = config.agent, config.ig, trainer.task
+    task.__dict__["env"] = SearchEnvironment(task.tokenizer, _search, k=a.k, max_turns=a.max_turns,
+                                             context=a.context, doc_tokens=a.doc_tokens)
+    B, L, M = 40, a.context + a.turn_tokens, a.max_turns * (1 + ig.counterfactuals) * ig.max_golds
+    D = task.env.documents_tokens
+    S = D + len(task.tokenizer.encode("\n<answer> ")) + ig.answer_tokens
+    rows = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,  # noqa: E731
+                                                     sharding=batch_sharding(trainer.mesh, len(shape)))
+    batch = (rows((B, L), jnp.int32), rows((B, L), bool), rows((B, M), jnp.int32), rows((B, M, S), jnp.int32),
+             rows((B, M, S), bool))
+
+    def scores(params, *arrays):
+        with partitioning.activation_rules(trainer.mesh, trainer.rules):
+            return policy.continuation_logprobs(nnx.merge(trainer.spec.graphdef, params), task.policy_config,
+                                                *arrays, scored_from=D)
+
+    assert BATCH_AXES[0] == "fsdp"                                  # the 40 rows split 4 ways: 10 map steps
+    report = memory_report(jax.jit(scores).lower(state.params, *batch).compile())
+    assert report["total_bytes"] < 16 * 2 ** 30, report

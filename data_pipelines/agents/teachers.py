@@ -56,7 +56,9 @@ def counterfactual_inputs(episodes: list[Episode], golds: Sequence[Sequence[str]
     ``documents_tokens`` > 0 (the longest documents block) lays the sequences out for prefix sharing
     (``policy.continuation_logprobs``) instead: each holds only what follows the rollout's own tokens before step
     t's documents (documents, lead, answer; no truncation) -> ``ig_tokens, ig_valid, ig_answer [B, M, S]``, S =
-    ``documents_tokens`` + lead + ``answer_tokens``, and ``ig_start [B, M]``, the prefix's length."""
+    ``documents_tokens`` + lead + ``answer_tokens``, the documents left-padded to end at column
+    ``documents_tokens`` (so the lead and answer, the only columns scored, start there in every sequence), and
+    ``ig_start [B, M]``, the prefix's length."""
     B, M = len(episodes), steps * (1 + counterfactuals) * max_golds
     lead = tok.encode("\n<answer> ")
     suffix = documents_tokens and documents_tokens + len(lead) + answer_tokens
@@ -79,15 +81,16 @@ def counterfactual_inputs(episodes: list[Episode], golds: Sequence[Sequence[str]
                 for g, gold in enumerate(golds[i][:max_golds]):
                     answer = tok.encode(" " + gold)[:answer_tokens]
                     if suffix:
-                        ids = docs + lead + answer
-                        if len(ids) > suffix:
-                            raise ValueError(f"rollout {i}, step {t}: documents + answer are {len(ids)} tokens, "
-                                             f"the suffix {suffix}")
+                        if len(docs) > documents_tokens:
+                            raise ValueError(f"rollout {i}, step {t}: its documents are {len(docs)} tokens, "
+                                             f"documents_tokens {documents_tokens}")
+                        ids, begin = docs + lead + answer, documents_tokens - len(docs)   # docs end at one column
                         out["ig_start"][i, m] = a
                     else:
-                        ids = (e.tokens[:a] + docs + lead)[-(length - len(answer)):] + answer
-                    out["ig_tokens"][i, m, :len(ids)], out["ig_valid"][i, m, :len(ids)] = ids, True
-                    out["ig_answer"][i, m, len(ids) - len(answer):len(ids)] = 1.0
+                        ids, begin = (e.tokens[:a] + docs + lead)[-(length - len(answer)):] + answer, 0
+                    end = begin + len(ids)
+                    out["ig_tokens"][i, m, begin:end], out["ig_valid"][i, m, begin:end] = ids, True
+                    out["ig_answer"][i, m, end - len(answer):end] = 1.0
                     out["ig_index"][i, m] = t, v, g
                     m += 1
     return out

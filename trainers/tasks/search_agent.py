@@ -253,7 +253,8 @@ class SearchAgentTask(_SearchAgentBase):
         ig = self.config.ig
         if "ig_start" in batch:
             logp = policy.continuation_logprobs(model, self.policy_config, batch["tokens"], batch["valid"],
-                                                batch["ig_start"], batch["ig_tokens"], batch["ig_valid"])
+                                                batch["ig_start"], batch["ig_tokens"], batch["ig_valid"],
+                                                scored_from=self.env.documents_tokens)
             B, M, S = logp.shape
             scores = answer_score(logp.reshape(B * M, S), batch["ig_answer"].reshape(B * M, S), ig.first_tokens,
                                   ig.first_weight).reshape(B, M)
