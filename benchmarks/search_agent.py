@@ -12,8 +12,8 @@ One world (``ecomax agents synth``, seed 0) and its BM25 index; one supervised w
 warm start. With ``--sft-target-em`` the warm start stops at the first checkpoint from ``--sft-stop-after`` on
 (every ``--sft-check-every`` steps) whose greedy EM on ``--select-questions`` held-out test questions (those
 after the reported ones) reaches it: the warm start's step sits on a phase change whose timing moves with the
-CPU's last bits, its quality does not. Every row is the greedy policy on the test questions: EM, F1, searches per question and the
-fraction of well-formed rollouts, with the mean train step time (the SD-Search overhead is their ratio,
+CPU's last bits, its quality does not. Every row is the greedy policy on the test questions: EM, F1, searches
+per question and the fraction of well-formed rollouts, with the mean train step time (the SD-Search overhead is their ratio,
 measured in the same run; so is IG-Search's). Mean and spread over seeds; machine and load printed.
 """
 
@@ -72,6 +72,33 @@ def record(rows: list[dict], path: str) -> None:
         pathlib.Path(path).write_text(json.dumps(rows, indent=1))
 
 
+def warm_start(args, out: pathlib.Path, size: tuple[str, ...], evals: str) -> int:
+    """Trains ``out/sft`` (resuming it) to ``--sft-stop-after`` or, with ``--sft-target-em``, on to the first
+    checked step whose held-out EM reaches the target; -> the step it stopped at."""
+    from data_pipelines.agents.qa import read_qa
+    from trainers.loop import train
+
+    warm = f"init_from.policy.path={out / 'sft'}"
+    stop = args.sft_stop_after or (args.sft_check_every if args.sft_target_em else args.sft_steps)
+    if args.sft_target_em:
+        held_out = len(read_qa(out / "world" / "test.jsonl")) - args.eval_questions
+        if not args.eval_questions or held_out < args.select_questions:
+            sys.exit(f"--sft-target-em needs --eval-questions > 0 and {args.select_questions} test questions after "
+                     f"them; the split holds {held_out + args.eval_questions}")
+    while True:
+        run_or_exit(train, agent_config("sft_tiny", out, f"train.steps={args.sft_steps}", "train.eval_every=0", evals,
+                                        *size, f"train.stop_after={stop}"), out / "sft")
+        if not args.sft_target_em:
+            return stop
+        check = run_or_exit(train, agent_config("tiny", out, "train.steps=1", "optimizer.learning_rate=0.0", warm,
+                                                f"eval.questions={args.select_questions}",
+                                                f"eval.offset={args.eval_questions}", *size), out / f"select_{stop}")
+        print(f"# warm start at step {stop}: held-out EM {check.eval_metrics['em']:.3f}", flush=True)
+        if check.eval_metrics["em"] >= args.sft_target_em or stop >= args.sft_steps:
+            return stop
+        stop = min(stop + args.sft_check_every, args.sft_steps)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--entities", type=int, default=200)
@@ -109,19 +136,7 @@ def main() -> None:
     size = policy_size(args.layers, args.width)
     t0 = time.time()
     warm = f"init_from.policy.path={out / 'sft'}"
-    stop = args.sft_stop_after or args.sft_steps
-    while True:
-        run_or_exit(train, agent_config("sft_tiny", out, f"train.steps={args.sft_steps}", "train.eval_every=0", evals,
-                                        *size, f"train.stop_after={stop}"), out / "sft")
-        if not args.sft_target_em:
-            break
-        check = run_or_exit(train, agent_config("tiny", out, "train.steps=1", "optimizer.learning_rate=0.0", warm,
-                                                f"eval.questions={args.select_questions}",
-                                                f"eval.offset={args.eval_questions}", *size), out / f"select_{stop}")
-        print(f"# warm start at step {stop}: held-out EM {check.eval_metrics['em']:.3f}", flush=True)
-        if check.eval_metrics["em"] >= args.sft_target_em or stop >= args.sft_steps:
-            break
-        stop = min(stop + args.sft_check_every, args.sft_steps)
+    stop = warm_start(args, out, size, evals)
     # the warm start evaluated by the RL task itself (one step at learning rate 0: the parameters unchanged)
     start = run_or_exit(train, agent_config("tiny", out, "train.steps=1", "optimizer.learning_rate=0.0", evals, warm,
                                             *size), out / "warm_start_eval")

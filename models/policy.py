@@ -143,10 +143,11 @@ def token_logprobs(model: nnx.Module, tokens: jax.Array, valid: jax.Array, tempe
 def continuation_logprobs(model: nnx.Module, cfg, tokens: jax.Array, valid: jax.Array, start: jax.Array,
                           suffix: jax.Array, suffix_valid: jax.Array, scored_from: int = 0) -> jax.Array:
     """Score ``M`` continuations of each row's prefix from one prefill: continuation m of row b is
-    ``tokens[b, :start[b, m]]`` (its valid tokens) followed by ``suffix[b, m]``; -> ``[B, M, S]``, log p of
-    each suffix token after column ``scored_from`` given everything before it, as ``token_logprobs`` of the
-    concatenation gives it (0 at padding and up to that column, whose logits are never computed: IG-Search reads
-    only the answer's). ``tokens, valid [B, L]``, ``start [B, M]``, ``suffix, suffix_valid [B, M, S]``.
+    ``tokens[b, :start[b, m]]`` (its valid tokens) followed by ``suffix[b, m]``'s valid tokens (one contiguous
+    run); -> ``[B, M, S]``, log p of each suffix token after column ``scored_from`` given everything before it,
+    as ``token_logprobs`` of the concatenation gives it (0 at padding and up to that column; the columns before
+    it get no logits, so a run must start before it: IG-Search reads only the answer's log-probs).
+    ``tokens, valid [B, L]``, ``start [B, M]``, ``suffix, suffix_valid [B, M, S]``.
 
     The prefix's keys and values come from one cached pass over each whole row (a causal model's key at
     position j reads only tokens up to j), so a row costs one pass of L tokens plus ``M`` passes of ``S``
@@ -158,7 +159,8 @@ def continuation_logprobs(model: nnx.Module, cfg, tokens: jax.Array, valid: jax.
     size, D = L + S, scored_from
     own = jnp.tril(jnp.ones((S, S), bool))
     R = partitioning.shards("batch")
-    R = R if B % R == 0 else 1
+    if B % R or not 0 <= scored_from < S:
+        raise ValueError(f"continuation_logprobs: {B} rows over {R} batch shards, scored_from {scored_from} of {S}")
 
     def block(args):   # R rows, one from each batch shard
         row_tokens, row_valid, row_start, suf, suf_valid = args

@@ -201,9 +201,29 @@ def test_kv_cached_sampler_matches_the_teacher_forced_policy():
     assert (np.asarray(greedy[1]) == 0).all()                                       # an inactive row writes nothing
 
 
+def _check_continuations(model, got, tokens, valid, start, suffix, suffix_valid, scored_from):
+    """Each continuation's scores against a teacher-forced pass over prefix + its valid suffix tokens: equal
+    after column ``scored_from`` (bar the run's first token, predicted from the prefix), 0 elsewhere."""
+    from models import policy
+
+    full = jax.jit(policy.token_logprobs, static_argnums=0)
+    for b, m in np.ndindex(*start.shape):
+        head = tokens[b, :start[b, m]][valid[b, :start[b, m]]]
+        cols = np.flatnonzero(suffix_valid[b, m])
+        seq = np.zeros((1, tokens.shape[1] + suffix.shape[2]), np.int32)    # right-padded: one compilation
+        seq[0, :len(head) + len(cols)] = np.concatenate([head, suffix[b, m, cols]])
+        want = np.asarray(full(model, jnp.asarray(seq), jnp.asarray(seq != 0)))[0, len(head):]
+        expected = np.zeros(suffix.shape[2], np.float32)
+        scored = (cols > scored_from) & (np.arange(len(cols)) > 0)
+        expected[cols[scored]] = want[:len(cols)][scored]
+        np.testing.assert_allclose(np.asarray(got[b, m]), expected, atol=1e-5)
+
+
 def test_continuation_logprobs_equal_the_concatenated_sequences():
     """Continuations scored from one cached prefill of each row equal teacher-forced passes over each
-    prefix + continuation (padding in both, prefixes of several lengths)."""
+    prefix + continuation (padding in both, prefixes of several lengths); with ``scored_from`` the columns
+    before it only extend the cache, whether the suffixes are right-padded or left-padded (IG-Search's
+    documents end at one column)."""
     from models import policy
 
     cfg, model = _tiny_policy(tied=True)
@@ -212,28 +232,17 @@ def test_continuation_logprobs_equal_the_concatenated_sequences():
     valid = np.arange(9)[None] < np.array([[9], [6]])
     start = np.array([[9, 4, 1], [8, 3, 5]], np.int32)              # row 1: a start past its valid tokens
     suffix = rng.integers(3, 50, (2, 3, 5)).astype(np.int32)
-    suffix_valid = np.arange(5)[None, None] < np.array([[5, 3, 4], [2, 5, 5]])[..., None]
-    got = jax.jit(lambda *a: policy.continuation_logprobs(model, cfg, *a))(tokens, valid, start, suffix, suffix_valid)
-    full = jax.jit(policy.token_logprobs, static_argnums=0)
-    for b in range(2):
-        for m in range(3):
-            head = tokens[b, :start[b, m]][valid[b, :start[b, m]]]
-            n = int(suffix_valid[b, m].sum())
-            seq = np.zeros((1, 14), np.int32)                               # right-padded: one compilation
-            seq[0, :len(head) + n] = np.concatenate([head, suffix[b, m][suffix_valid[b, m]]])
-            want = np.asarray(full(model, jnp.asarray(seq), jnp.asarray(seq != 0)))[0, len(head):len(head) + n]
-            np.testing.assert_allclose(np.asarray(got[b, m, 1:n]), want[1:], atol=1e-5)
-            assert np.all(np.asarray(got[b, m, n:]) == 0) and got[b, m, 0] == 0
-    # columns up to scored_from only extend the cache: the rest score as before
-    late = jax.jit(lambda *a: policy.continuation_logprobs(model, cfg, *a, scored_from=2))(
-        tokens, valid, start, suffix, suffix_valid)
-    np.testing.assert_allclose(np.asarray(late[..., 3:]), np.asarray(got[..., 3:]), atol=1e-5)
-    assert np.all(np.asarray(late[..., :3]) == 0)
+    right = np.arange(5)[None, None] < np.array([[5, 3, 4], [2, 5, 5]])[..., None]
+    left = np.arange(5)[None, None] >= np.array([[0, 1, 1], [1, 0, 1]])[..., None]
+    for suffix_valid, scored_from in ((right, 0), (right, 2), (left, 2)):
+        got = jax.jit(lambda *a, d=scored_from: policy.continuation_logprobs(model, cfg, *a, scored_from=d))(
+            tokens, valid, start, suffix, suffix_valid)
+        _check_continuations(model, got, tokens, valid, start, suffix, suffix_valid, scored_from)
 
 
 def test_continuation_logprobs_keep_each_cache_on_its_device():
     """On 8 devices with the batch split 8 ways, the continuations map over the rows each device holds (one
-    row a shard a step): the compiled program gathers nothing and scores what one device does."""
+    row a shard a step): the compiled program moves nothing between devices and scores what one device does."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from models import partitioning, policy
@@ -245,7 +254,7 @@ def test_continuation_logprobs_keep_each_cache_on_its_device():
     B, L, M, S = 16, 20, 3, 6
     arrays = (rng.integers(3, 50, (B, L)).astype(np.int32), np.ones((B, L), bool),
               rng.integers(2, L, (B, M)).astype(np.int32), rng.integers(3, 50, (B, M, S)).astype(np.int32),
-              np.ones((B, M, S), bool))
+              np.arange(S) >= rng.integers(0, 2, (B, M, 1)))                 # left-padded, as IG-Search's
     sharded = [jax.device_put(a, NamedSharding(mesh, P(BATCH_AXES))) for a in arrays]
 
     def scores(*a):
@@ -254,9 +263,11 @@ def test_continuation_logprobs_keep_each_cache_on_its_device():
             return policy.continuation_logprobs(model, cfg, *a, scored_from=2)
 
     compiled = jax.jit(scores).lower(*sharded).compile()
-    assert "all-gather" not in compiled.as_text()
+    hlo = compiled.as_text()
+    assert not [op for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute") if op in hlo]
     one = jax.jit(lambda *a: policy.continuation_logprobs(model, cfg, *a, scored_from=2))(*arrays)
     np.testing.assert_allclose(np.asarray(compiled(*sharded)), np.asarray(one), atol=1e-5)
+    _check_continuations(model, one[:2], *(x[:2] for x in arrays), scored_from=2)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -317,23 +328,28 @@ def _train(config, workdir):
 
 def test_evaluation_grades_the_slice_from_eval_offset(world):
     """``eval.offset`` evaluates a held-out slice of the test questions (the benchmark selects its warm start on
-    one): an oracle that answers question ``offset + i`` in row ``i`` scores EM 1 only when grading is aligned."""
+    one): an oracle that reads each row's question and answers it sees exactly questions 5-7 and scores EM 1,
+    which it does only when the grading is aligned with the prompts."""
     from trainers.tasks.search_agent import SearchAgentTask
 
     task = SearchAgentTask(_config("tiny", world, "eval.questions=3", "eval.offset=5"))
-    golds = [q.golden_answers[0] for q in read_qa(world / "world" / "test.jsonl")]
+    qs = read_qa(world / "world" / "test.jsonl")
+    index = {tuple(task.prompt_ids(q.question)): i for i, q in enumerate(qs)}
+    seen = []
 
     class Oracle:
         def apply(self, fn, context, valid, active, batch_size=None):
-            rows = [task.tokenizer.encode(f" <answer> {golds[5 + i]} </answer>") for i in range(len(context))]
+            asked = [index[tuple(int(t) for t in row[ok])] for row, ok in zip(context, valid)]
+            seen.extend(asked)
+            rows = [task.tokenizer.encode(f" <answer> {qs[i].golden_answers[0]} </answer>") for i in asked]
             out = np.full((len(rows), max(map(len, rows))), task.tokenizer.pad_id, np.int32)
             for i, r in enumerate(rows):
                 out[i, :len(r)] = r
             return out, np.zeros(out.shape, np.float32)
 
     metrics = task.evaluate(Oracle())
-    assert metrics["em"] == 1.0 and metrics["searches"] == 0
-    assert task._prompts("test", 3, 5)["prompt"].tolist() != task._prompts("test", 3)["prompt"].tolist()
+    assert seen == [5, 6, 7] and metrics["em"] == 1.0 and metrics["searches"] == 0
+    assert len({tuple(qs[i].golden_answers) for i in (0, 1, 2, 5, 6, 7)}) > 3   # misaligned grading would fail
 
 
 def test_sft_warm_start_then_sd_and_ig_search_grpo_steps(world, tmp_path):
@@ -420,7 +436,7 @@ def test_qwen3b_search_r1_rollout_compiles_on_cpu_within_memory(tmp_path):
     from flax import nnx
 
     from models import partitioning, policy
-    from trainers.mesh import BATCH_AXES, batch_sharding
+    from trainers.mesh import batch_sharding
 
     a, ig, task = config.agent, config.ig, trainer.task
     task.__dict__["env"] = SearchEnvironment(task.tokenizer, _search, k=a.k, max_turns=a.max_turns,
@@ -435,9 +451,9 @@ def test_qwen3b_search_r1_rollout_compiles_on_cpu_within_memory(tmp_path):
 
     def scores(params, *arrays):
         with partitioning.activation_rules(trainer.mesh, trainer.rules):
+            assert partitioning.shards("batch") == 4                # the 40 rows split 4 ways: 10 map steps
             return policy.continuation_logprobs(nnx.merge(trainer.spec.graphdef, params), task.policy_config,
                                                 *arrays, scored_from=D)
 
-    assert BATCH_AXES[0] == "fsdp"                                  # the 40 rows split 4 ways: 10 map steps
     report = memory_report(jax.jit(scores).lower(state.params, *batch).compile())
     assert report["total_bytes"] < 16 * 2 ** 30, report

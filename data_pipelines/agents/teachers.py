@@ -57,7 +57,7 @@ def counterfactual_inputs(episodes: list[Episode], golds: Sequence[Sequence[str]
     (``policy.continuation_logprobs``) instead: each holds only what follows the rollout's own tokens before step
     t's documents (documents, lead, answer; no truncation) -> ``ig_tokens, ig_valid, ig_answer [B, M, S]``, S =
     ``documents_tokens`` + lead + ``answer_tokens``, the documents left-padded to end at column
-    ``documents_tokens`` (so the lead and answer, the only columns scored, start there in every sequence), and
+    ``documents_tokens`` (so the lead and answer, the only columns given logits, start there in every sequence), and
     ``ig_start [B, M]``, the prefix's length."""
     B, M = len(episodes), steps * (1 + counterfactuals) * max_golds
     lead = tok.encode("\n<answer> ")
