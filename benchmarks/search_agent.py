@@ -13,8 +13,9 @@ warm start. With ``--sft-target-em`` the warm start stops at the first checkpoin
 (every ``--sft-check-every`` steps) whose greedy EM on ``--select-questions`` held-out test questions (those
 after the reported ones) reaches it: the warm start's step sits on a phase change whose timing moves with the
 CPU's last bits, its quality does not. Every row is the greedy policy on the test questions: EM, F1, searches
-per question and the fraction of well-formed rollouts, with the mean train step time (the SD-Search overhead is their ratio,
-measured in the same run; so is IG-Search's). Mean and spread over seeds; machine and load printed.
+per question and the fraction of well-formed rollouts, with the mean train step time (the SD-Search overhead
+is their ratio, measured in the same run; so is IG-Search's). Mean and spread over seeds; machine and load
+printed. Every run but the warm start starts afresh (a finished one would resume with nothing to do)."""
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import sys
 import time
 
@@ -57,8 +59,12 @@ def policy_size(layers: int, width: int) -> tuple[str, ...]:
             f"model.heads={width // head}")
 
 
-def run_or_exit(train, config, workdir: pathlib.Path):
-    """``train``, stopping the whole benchmark when a run is interrupted (SIGTERM / SIGINT save and stop it)."""
+def run_or_exit(train, config, workdir: pathlib.Path, *, fresh: bool = True):
+    """``train`` from scratch in ``workdir`` (``fresh``; else resuming it), stopping the whole benchmark when a
+    run is interrupted (SIGTERM / SIGINT save and stop it). A finished run would resume with nothing to do and
+    no evaluation: the warm start alone is resumed."""
+    if fresh:
+        shutil.rmtree(workdir, ignore_errors=True)
     result = train(config, workdir)
     if result.status == "interrupted":
         sys.exit(f"interrupted in {workdir} at step {result.step}")
@@ -87,7 +93,7 @@ def warm_start(args, out: pathlib.Path, size: tuple[str, ...], evals: str) -> in
                      f"them; the split holds {held_out + args.eval_questions}")
     while True:
         run_or_exit(train, agent_config("sft_tiny", out, f"train.steps={args.sft_steps}", "train.eval_every=0", evals,
-                                        *size, f"train.stop_after={stop}"), out / "sft")
+                                        *size, f"train.stop_after={stop}"), out / "sft", fresh=False)
         if not args.sft_target_em:
             return stop
         check = run_or_exit(train, agent_config("tiny", out, "train.steps=1", "optimizer.learning_rate=0.0", warm,

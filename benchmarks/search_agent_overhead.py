@@ -18,7 +18,6 @@ import json
 import os
 import pathlib
 import platform
-import shutil
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -54,13 +53,12 @@ def main() -> None:
     print(f"# machine: {platform.machine()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}", flush=True)
     if not (out / "sft" / "metrics.jsonl").exists():
         run_or_exit(train, agent_config("sft_tiny", out, f"train.steps={args.sft_steps}", "train.eval_every=0",
-                            "eval.questions=8", *size), out / "sft")
+                            "eval.questions=8", *size), out / "sft", fresh=False)
     times = {name: [] for name in VARIANTS}
     first = {}
     for repeat in range(args.repeats):
         for name, (spec, *sets) in VARIANTS.items():
             workdir = out / f"{spec}_{'_'.join(sets) or 'default'}_r{repeat}"
-            shutil.rmtree(workdir, ignore_errors=True)   # a finished run would resume, not be timed again
             run_or_exit(train, agent_config(spec, out, f"train.steps={args.steps}", f"train.batch_size={args.batch}",
                                 "eval.questions=8", f"init_from.policy.path={out / 'sft'}",
                                 *sets, *size), workdir)
