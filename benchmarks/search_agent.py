@@ -15,7 +15,7 @@ after the reported ones) reaches it: the warm start's step sits on a phase chang
 CPU's last bits, its quality does not. Every row is the greedy policy on the test questions: EM, F1, searches
 per question and the fraction of well-formed rollouts, with the mean train step time (the SD-Search overhead
 is their ratio, measured in the same run; so is IG-Search's). Mean and spread over seeds; machine and load
-printed. Every run but the warm start starts afresh (a finished one would resume with nothing to do)."""
+printed. Every run but the warm start starts afresh (a finished one would resume with nothing to do).
 """
 
 from __future__ import annotations
