@@ -78,13 +78,20 @@ def record(rows: list[dict], path: str) -> None:
         pathlib.Path(path).write_text(json.dumps(rows, indent=1))
 
 
+def warm_start_metrics(out: pathlib.Path, size: tuple[str, ...], workdir: pathlib.Path, *evals: str) -> dict:
+    """The warm start's eval metrics as the RL task computes them: one step at learning rate 0 from it."""
+    from trainers.loop import train
+
+    return run_or_exit(train, agent_config("tiny", out, "train.steps=1", "optimizer.learning_rate=0.0",
+                                           f"init_from.policy.path={out / 'sft'}", *evals, *size), workdir).eval_metrics
+
+
 def warm_start(args, out: pathlib.Path, size: tuple[str, ...], evals: str) -> int:
     """Trains ``out/sft`` (resuming it) to ``--sft-stop-after`` or, with ``--sft-target-em``, on to the first
     checked step whose held-out EM reaches the target; -> the step it stopped at."""
     from data_pipelines.agents.qa import read_qa
     from trainers.loop import train
 
-    warm = f"init_from.policy.path={out / 'sft'}"
     stop = args.sft_stop_after or (args.sft_check_every if args.sft_target_em else args.sft_steps)
     if args.sft_target_em:
         held_out = len(read_qa(out / "world" / "test.jsonl")) - args.eval_questions
@@ -96,11 +103,10 @@ def warm_start(args, out: pathlib.Path, size: tuple[str, ...], evals: str) -> in
                                         *size, f"train.stop_after={stop}"), out / "sft", fresh=False)
         if not args.sft_target_em:
             return stop
-        check = run_or_exit(train, agent_config("tiny", out, "train.steps=1", "optimizer.learning_rate=0.0", warm,
-                                                f"eval.questions={args.select_questions}",
-                                                f"eval.offset={args.eval_questions}", *size), out / f"select_{stop}")
-        print(f"# warm start at step {stop}: held-out EM {check.eval_metrics['em']:.3f}", flush=True)
-        if check.eval_metrics["em"] >= args.sft_target_em or stop >= args.sft_steps:
+        em = warm_start_metrics(out, size, out / f"select_{stop}", f"eval.questions={args.select_questions}",
+                                f"eval.offset={args.eval_questions}")["em"]
+        print(f"# warm start at step {stop}: held-out EM {em:.3f}", flush=True)
+        if em >= args.sft_target_em or stop >= args.sft_steps:
             return stop
         stop = min(stop + args.sft_check_every, args.sft_steps)
 
@@ -143,10 +149,8 @@ def main() -> None:
     t0 = time.time()
     warm = f"init_from.policy.path={out / 'sft'}"
     stop = warm_start(args, out, size, evals)
-    # the warm start evaluated by the RL task itself (one step at learning rate 0: the parameters unchanged)
-    start = run_or_exit(train, agent_config("tiny", out, "train.steps=1", "optimizer.learning_rate=0.0", evals, warm,
-                                            *size), out / "warm_start_eval")
-    rows = [{"method": "warm start (SFT on oracle rollouts)", "seed": 0, "sft_step": stop, **start.eval_metrics,
+    start = warm_start_metrics(out, size, out / "warm_start_eval", evals)
+    rows = [{"method": "warm start (SFT on oracle rollouts)", "seed": 0, "sft_step": stop, **start,
              "step_s": step_time(out / "sft"), "wall_s": time.time() - t0}]
     record(rows, args.json)
     for seed in map(int, args.seeds.split(",")):     # seed-major: an interrupted benchmark leaves whole seeds
